@@ -1,0 +1,728 @@
+"""Focal Transformer (Yang et al., "Focal Self-attention for Local-Global Interactions in Vision
+Transformers", NeurIPS 2021).
+
+Each query window attends to three kinds of keys at once:
+  * its own window tokens (fine, with a Swin-style relative position bias),
+  * the ring of `expand_size` tokens around the window (fine surroundings, gathered from four
+    corner-shifted windows that wrap around the feature map cyclically),
+  * pooled tokens of the neighbouring windows at each coarser focal level (one pooled token per
+    sub-window, neighbours outside the map are zero and masked by -100).
+
+The official implementation builds the key sets with `torch.roll`, `nn.Unfold` and in-place bias
+slices. Here every key set is one precomputed index map per feature size, keys and values are
+gathered with a single `index_select`, all positional terms and masks form one additive bias, and
+attention runs through `scaled_dot_product_attention`. Parameter names and shapes equal the
+official ones, so released checkpoints load through `checkpoint_filter_fn`.
+"""
+import logging
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, register_model
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ['FocalTransformer', 'checkpoint_filter_fn']
+
+MASKED = -100.0  # the official code's additive mask value (not -inf: a fully masked row stays finite)
+POOL_METHODS = ('fc', 'mean', 'max', 'conv', 'none')
+EXPAND_LAYERS = ('all', 'even', 'odd')
+
+
+def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
+    """Index into a ((query_size + key_size - 1) ** 2)-entry bias table for every (query, key)
+    pair of a query_size x query_size window and a key_size x key_size window, aligned at their
+    top-left corners. Returns (query_size**2, key_size**2) long."""
+    q = torch.stack(torch.meshgrid(torch.arange(query_size), torch.arange(query_size), indexing='ij')).flatten(1)
+    k = torch.stack(torch.meshgrid(torch.arange(key_size), torch.arange(key_size), indexing='ij')).flatten(1)
+    rel = q[:, :, None] - k[:, None, :] + (key_size - 1)
+    return rel[0] * (query_size + key_size - 1) + rel[1]
+
+
+def surrounding_offsets(window_size: int, expand_size: int) -> torch.Tensor:
+    """Offsets (dy, dx), relative to a window's top-left token, of its fine-grained surroundings,
+    in the official key order: for the four corner shifts (+e,+e), (+e,-e), (-e,+e), (-e,-e), the
+    window positions whose shifted token falls outside the window. Returns (4*ws^2 - 4*(ws-e)^2, 2)."""
+    ws, e = window_size, expand_size
+    r, c = torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing='ij')
+    offsets = []
+    for dy, dx in ((e, e), (e, -e), (-e, e), (-e, -e)):
+        outside_rows = r >= ws - e if dy > 0 else r < e
+        outside_cols = c >= ws - e if dx > 0 else c < e
+        keep = (outside_rows | outside_cols).flatten()
+        offsets.append(torch.stack([r.flatten() + dy, c.flatten() + dx], 1)[keep])
+    return torch.cat(offsets)
+
+
+def pooled_key_size(focal_window: int, level: int) -> int:
+    """Side of the square neighbourhood of pooled tokens a window attends to at pooled level k."""
+    return focal_window + 2 ** level - 1
+
+
+def pooled_neighbourhood(num_windows: Tuple[int, int], focal_window: int, level: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions in the pooled map of level k of each window's pooled keys, and whether each
+    lies inside the map. The pooled map has (nWh * 2^k, nWw * 2^k) tokens; window (wy, wx) sees the
+    pooled_key_size(fw, k)^2 tokens starting at (wy * 2^k - pad, wx * 2^k - pad), the neighbourhood
+    the official stride-2^k unfold takes. Returns two (nW, K^2) tensors: long positions, bool valid."""
+    nwh, nww = num_windows
+    stride = 2 ** level
+    kernel = 2 * (focal_window // 2) + 2 * stride - 1
+    pad = kernel // 2
+    size = pooled_key_size(focal_window, level)
+    first = kernel - size  # the unfold keeps kernel positions >= 2^k - 1
+    ky, kx = torch.meshgrid(torch.arange(size) + first - pad, torch.arange(size) + first - pad, indexing='ij')
+    wy, wx = torch.meshgrid(torch.arange(nwh) * stride, torch.arange(nww) * stride, indexing='ij')
+    py = wy.reshape(-1, 1) + ky.reshape(1, -1)
+    px = wx.reshape(-1, 1) + kx.reshape(1, -1)
+    height, width = nwh * stride, nww * stride
+    valid = (py >= 0) & (py < height) & (px >= 0) & (px < width)
+    return py.clamp(0, height - 1) * width + px.clamp(0, width - 1), valid
+
+
+def shift_region_mask(height: int, width: int, window_size: int, shift_size: int) -> torch.Tensor:
+    """Swin's shifted-window mask over a (height, width) map already rolled by -shift_size: tokens
+    from different image regions must not attend to each other. Returns (nW, ws^2, ws^2) of 0/-100."""
+    region = torch.zeros(height, width)
+    bounds = (0, -window_size, -shift_size, None)
+    label = 0
+    for h0, h1 in zip(bounds[:-1], bounds[1:]):
+        for w0, w1 in zip(bounds[:-1], bounds[1:]):
+            region[h0:h1, w0:w1] = label
+            label += 1
+    windows = window_partition(region[None, :, :, None], window_size).flatten(1)
+    return (windows[:, None, :] != windows[:, :, None]).float() * MASKED
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * nW, ws, ws, C), windows in row-major order; H, W multiples of ws."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window_size, window_size, W // window_size, window_size, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, C)
+
+
+class WindowLayout:
+    """Everything about a padded (Hp, Wp) feature map that a focal attention layer needs, built
+    once per map size: which token feeds each key slot of each window, and the constant part of
+    the attention bias (shift-region mask and masks of pooled neighbours outside the map).
+
+    key_index: (nW * S,) positions into the key/value source [fine map tokens, pooled tokens of
+        each level, one zero token].
+    mask: (nW, ws^2, S) additive mask.
+    """
+
+    def __init__(self, height: int, width: int, attn: 'FocalWindowAttention', shift_size: int,
+                 device: torch.device):
+        ws = attn.window_size
+        nwh, nww = height // ws, width // ws
+        num_windows = nwh * nww
+        area = ws * ws
+        rows, cols = torch.meshgrid(torch.arange(nwh) * ws, torch.arange(nww) * ws, indexing='ij')
+        rows, cols = rows.reshape(-1, 1), cols.reshape(-1, 1)
+
+        offsets = [torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing='ij'), -1).reshape(-1, 2)]
+        if attn.num_surrounding:
+            offsets.append(surrounding_offsets(ws, attn.expand_size))
+        offsets = torch.cat(offsets)
+        fine_rows = (rows + offsets[:, 0]) % height  # wrapping as the official torch.roll does
+        fine_cols = (cols + offsets[:, 1]) % width
+        key_index = [fine_rows * width + fine_cols]
+        masks = [torch.zeros(num_windows, area, offsets.shape[0])]
+        if shift_size > 0:
+            masks[0][:, :, :area] = shift_region_mask(height, width, ws, shift_size)
+
+        base = height * width
+        num_tokens = base + sum(nwh * nww * 4 ** k for k in range(attn.num_pooled_levels))
+        for level in range(attn.num_pooled_levels):
+            position, valid = pooled_neighbourhood((nwh, nww), attn.focal_window, level)
+            key_index.append(torch.where(valid, base + position, num_tokens))
+            masks.append((~valid).float()[:, None, :].expand(-1, area, -1) * MASKED)
+            base += nwh * nww * 4 ** level
+
+        self.num_windows = num_windows
+        self.key_index = torch.cat(key_index, 1).flatten().to(device)
+        self.mask = torch.cat(masks, 2).to(device)
+
+
+class FocalWindowAttention(nn.Module):
+    """Focal self-attention of each ws x ws query window over its own tokens, its fine-grained
+    surroundings and the pooled tokens of neighbouring windows at each coarser level.
+
+    Parameter names and shapes follow the official `WindowAttention`.
+    """
+
+    def __init__(self, dim: int, expand_size: int, window_size: int, focal_window: int, focal_level: int,
+                 num_heads: int, qkv_bias: bool = True, qk_scale: Optional[float] = None,
+                 attn_drop: float = 0., proj_drop: float = 0., pool_method: str = 'none'):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
+        self.dim = dim
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.expand_size = expand_size
+        self.focal_window = focal_window
+        self.focal_level = focal_level
+        self.pool_method = pool_method
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.attn_drop = attn_drop
+        area = window_size * window_size
+
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        position_index = [relative_position_index(window_size, window_size)]
+        table_size = (2 * window_size - 1) ** 2
+
+        self.num_surrounding = 0
+        if expand_size > 0 and focal_level > 0:
+            self.num_surrounding = 4 * area - 4 * (window_size - expand_size) ** 2
+            self.relative_position_bias_table_to_neighbors = nn.Parameter(
+                torch.zeros(1, num_heads, area, self.num_surrounding))
+            trunc_normal_(self.relative_position_bias_table_to_neighbors, std=.02)
+            position_index.append(table_size + torch.arange(area * self.num_surrounding).view(area, -1))
+            table_size += area * self.num_surrounding
+
+        self.num_pooled_levels = focal_level - 1 if pool_method != 'none' and focal_level > 1 else 0
+        if self.num_pooled_levels:
+            self.relative_position_bias_table_to_windows = nn.ParameterList()
+            for level in range(self.num_pooled_levels):
+                key_size = pooled_key_size(focal_window, level)
+                table = nn.Parameter(torch.zeros(num_heads, (window_size + key_size - 1) ** 2))
+                trunc_normal_(table, std=.02)
+                self.relative_position_bias_table_to_windows.append(table)
+                position_index.append(table_size + relative_position_index(window_size, key_size))
+                table_size += table.shape[1]
+        self.register_buffer('position_bias_index', torch.cat(position_index, 1), persistent=False)
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def position_bias(self) -> torch.Tensor:
+        """All relative position terms as one (nH, ws^2, S) tensor, from one gather over the
+        concatenated bias tables."""
+        tables = [self.relative_position_bias_table.t()]
+        if self.num_surrounding:
+            tables.append(self.relative_position_bias_table_to_neighbors[0].flatten(1))
+        if self.num_pooled_levels:
+            tables.extend(self.relative_position_bias_table_to_windows)
+        return torch.cat(tables, 1)[:, self.position_bias_index]
+
+    def forward(self, x: torch.Tensor, pooled: List[torch.Tensor], layout: WindowLayout) -> torch.Tensor:
+        """x: (B, Hp, Wp, C) padded (and shifted) map; pooled: per level (B, P_k, C) pooled tokens.
+        Returns (B, Hp, Wp, C)."""
+        B, H, W, C = x.shape
+        ws, nh, hd = self.window_size, self.num_heads, C // self.num_heads
+        qkv = self.qkv(x)
+        q = qkv[..., :C].reshape(B, H // ws, ws, W // ws, ws, nh, hd)
+        q = q.permute(0, 5, 1, 3, 2, 4, 6).reshape(B, nh * layout.num_windows, ws * ws, hd)
+
+        sources = [qkv[..., C:].reshape(B, H * W, 2 * C)]
+        if pooled:
+            kv_weight, kv_bias = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
+            sources.append(F.linear(torch.cat(pooled, 1), kv_weight, kv_bias))
+        sources.append(x.new_zeros(B, 1, 2 * C))
+        kv = torch.cat(sources, 1).view(B, -1, 2, nh, hd).permute(0, 3, 1, 2, 4)
+        kv = kv.index_select(2, layout.key_index).view(B, nh * layout.num_windows, -1, 2, hd)
+
+        bias = self.position_bias()[:, None] + layout.mask[None]
+        bias = bias.view(1, nh * layout.num_windows, ws * ws, -1).to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            q, kv[..., 0, :], kv[..., 1, :], attn_mask=bias,
+            dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
+        out = out.view(B, nh, H // ws, W // ws, ws, ws, hd).permute(0, 2, 4, 3, 5, 1, 6).reshape(B, H, W, C)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, '
+                f'surrounding={self.num_surrounding}, pooled_levels={self.num_pooled_levels}')
+
+
+class FocalTransformerBlock(nn.Module):
+    """Pre-norm block: focal window attention and MLP, each with a residual, optional layer scale.
+
+    `input_resolution` only decides, as in the official model, whether the map is no larger than
+    the window; then the window shrinks to the map and neither expansion nor shift is used. The
+    block itself runs on any map size, padding it to window multiples.
+    """
+
+    def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
+                 expand_size: int = 0, shift_size: int = 0, mlp_ratio: float = 4., qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, drop: float = 0., attn_drop: float = 0., drop_path: float = 0.,
+                 act_layer=nn.GELU, norm_layer=nn.LayerNorm, pool_method: str = 'none', focal_level: int = 1,
+                 focal_window: int = 1, use_layerscale: bool = False, layerscale_value: float = 1e-4):
+        super().__init__()
+        if min(input_resolution) <= window_size:
+            expand_size, shift_size, window_size = 0, 0, min(input_resolution)
+        if not 0 <= shift_size < window_size:
+            raise ValueError(f'shift_size {shift_size} must lie in [0, window_size {window_size})')
+        self.dim = dim
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.pool_method = pool_method
+        self.focal_level = focal_level
+
+        self.pool_layers = nn.ModuleList()
+        if pool_method in ('fc', 'conv'):
+            for level in range(focal_level - 1):
+                pool_size = window_size // 2 ** level
+                if pool_method == 'fc':
+                    self.pool_layers.append(nn.Linear(pool_size * pool_size, 1))
+                else:
+                    self.pool_layers.append(nn.Conv2d(dim, dim, pool_size, stride=pool_size, groups=dim))
+
+        self.norm1 = norm_layer(dim)
+        self.attn = FocalWindowAttention(
+            dim, expand_size=expand_size, window_size=window_size, focal_window=focal_window,
+            focal_level=focal_level, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
+            attn_drop=attn_drop, proj_drop=drop, pool_method=pool_method)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        if use_layerscale:
+            self.gamma_1 = nn.Parameter(layerscale_value * torch.ones(dim))
+            self.gamma_2 = nn.Parameter(layerscale_value * torch.ones(dim))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+        self._layouts: Dict[Tuple[int, int, torch.device], WindowLayout] = {}
+        self._shift_indices: Dict[Tuple[int, int, torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def layout(self, height: int, width: int, device: torch.device) -> WindowLayout:
+        key = (height, width, device)
+        if key not in self._layouts:
+            self._layouts[key] = WindowLayout(height, width, self.attn, self.shift_size, device)
+        return self._layouts[key]
+
+    def shift_indices(self, height: int, width: int, padded_height: int, padded_width: int,
+                      device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Token gathers replacing the two cyclic rolls of a shifted block: (Hp*Wp,) positions that
+        build the map rolled by -shift, and (H*W,) positions that undo it and crop the padding."""
+        key = (height, width, device)
+        if key not in self._shift_indices:
+            s = self.shift_size
+            rows, cols = torch.arange(padded_height), torch.arange(padded_width)
+            shifted = ((rows[:, None] + s) % padded_height) * padded_width + (cols[None, :] + s) % padded_width
+            restored = ((rows[:height, None] - s) % padded_height) * padded_width + (cols[None, :width] - s) % padded_width
+            self._shift_indices[key] = (shifted.flatten().to(device), restored.flatten().to(device))
+        return self._shift_indices[key]
+
+    def pool(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        """Pool the (B, Hp, Wp, C) map into sub-windows of side ws // 2^k, after centre-trimming or
+        zero-padding it to (nWh * 2^k) x (nWw * 2^k) sub-windows. Returns (B, P_k, C)."""
+        B, H, W, C = x.shape
+        size = self.window_size // 2 ** level
+        grid_h, grid_w = H // self.window_size * 2 ** level, W // self.window_size * 2 ** level
+        dh, dw = grid_h * size - H, grid_w * size - W
+        if dh < 0:
+            x = x[:, -dh // 2: H - (-dh - (-dh // 2))]
+        if dw < 0:
+            x = x[:, :, -dw // 2: W - (-dw - (-dw // 2))]
+        if dh > 0 or dw > 0:
+            x = F.pad(x, (0, 0, max(dw, 0) // 2, max(dw, 0) - max(dw, 0) // 2, max(dh, 0) // 2, max(dh, 0) - max(dh, 0) // 2))
+        if self.pool_method == 'conv':
+            return self.pool_layers[level](x.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
+        windows = x.reshape(B, grid_h, size, grid_w, size, C)
+        if self.pool_method == 'mean':
+            pooled = windows.mean((2, 4))
+        elif self.pool_method == 'max':
+            pooled = windows.amax((2, 4))
+        else:
+            fc = self.pool_layers[level]
+            pooled = torch.einsum('bhiwjc,ij->bhwc', windows, fc.weight.view(size, size)) + fc.bias
+        return pooled.reshape(B, grid_h * grid_w, C)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """x: (B, H*W, C) -> (B, H*W, C)."""
+        B, L, C = x.shape
+        ws = self.window_size
+        padded_h, padded_w = math.ceil(height / ws) * ws, math.ceil(width / ws) * ws
+        y = self.norm1(x).view(B, height, width, C)
+        if (padded_h, padded_w) != (height, width):
+            y = F.pad(y, (0, 0, 0, padded_w - width, 0, padded_h - height))
+        if self.shift_size:
+            shifted, restored = self.shift_indices(height, width, padded_h, padded_w, x.device)
+            y = y.reshape(B, -1, C).index_select(1, shifted).view(B, padded_h, padded_w, C)
+        pooled = [self.pool(y, level) for level in range(self.attn.num_pooled_levels)]
+        y = self.attn(y, pooled, self.layout(padded_h, padded_w, x.device))
+        if self.shift_size:
+            y = y.reshape(B, -1, C).index_select(1, restored)
+        else:
+            y = y[:, :height, :width].reshape(B, L, C)
+        if self.gamma_1 is not None:
+            y = self.gamma_1 * y
+        x = x + self.drop_path(y)
+        y = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            y = self.gamma_2 * y
+        return x + self.drop_path(y)
+
+
+class PatchEmbed(nn.Module):
+    """Image (stem) or feature map (downsample between stages) to tokens: a strided convolution,
+    overlapping (7x7/4 stem, 3x3/2 between stages) with `use_conv_embed`, then an optional norm.
+    (B, C_in, H, W) -> (B, H'*W', C_out), (H', W')."""
+
+    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, use_conv_embed: bool = False,
+                 norm_layer=None, use_pre_norm: bool = False, is_stem: bool = False):
+        super().__init__()
+        self.patch_size = to_2tuple(patch_size)
+        if use_conv_embed:
+            kernel_size, padding, stride = (7, 2, 4) if is_stem else (3, 1, 2)
+            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel_size, stride=stride, padding=padding)
+        else:
+            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.pre_norm = nn.GroupNorm(1, in_chans) if use_pre_norm and norm_layer is not None else None
+        self.norm = norm_layer(embed_dim) if norm_layer is not None else None
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        x = self.proj(x)
+        size = x.shape[2:]
+        x = x.flatten(2).transpose(1, 2)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x, (size[0], size[1])
+
+
+class FocalStage(nn.Module):
+    """The blocks of one stage, then (except in the last stage) the patch embedding that halves the
+    map. `forward` runs the blocks only, so that callers can take the stage output before it."""
+
+    def __init__(self, dim: int, input_resolution: Tuple[int, int], depth: int, num_heads: int, window_size: int,
+                 expand_size: int, expand_layer: str = 'all', mlp_ratio: float = 4., qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, drop: float = 0., attn_drop: float = 0.,
+                 drop_path: Union[float, Sequence[float]] = 0., norm_layer=nn.LayerNorm, pool_method: str = 'none',
+                 focal_level: int = 1, focal_window: int = 1, use_conv_embed: bool = False, use_shift: bool = False,
+                 use_pre_norm: bool = False, downsample: bool = False, use_checkpoint: bool = False,
+                 use_layerscale: bool = False, layerscale_value: float = 1e-4):
+        super().__init__()
+        self.use_checkpoint = use_checkpoint
+        unexpanded_parity = {'all': None, 'even': 0, 'odd': 1}[expand_layer]
+        drop_path = drop_path if isinstance(drop_path, Sequence) else [drop_path] * depth
+        self.blocks = nn.ModuleList([
+            FocalTransformerBlock(
+                dim=dim, input_resolution=input_resolution, num_heads=num_heads, window_size=window_size,
+                shift_size=window_size // 2 if use_shift and i % 2 == 1 else 0,
+                expand_size=0 if i % 2 == unexpanded_parity else expand_size,
+                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop, attn_drop=attn_drop,
+                drop_path=drop_path[i], norm_layer=norm_layer, pool_method=pool_method,
+                focal_level=focal_level, focal_window=focal_window,
+                use_layerscale=use_layerscale, layerscale_value=layerscale_value)
+            for i in range(depth)])
+        self.downsample = PatchEmbed(
+            patch_size=2, in_chans=dim, embed_dim=2 * dim, use_conv_embed=use_conv_embed,
+            norm_layer=norm_layer, use_pre_norm=use_pre_norm) if downsample else None
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        for block in self.blocks:
+            if self.use_checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, height, width, use_reentrant=False)
+            else:
+                x = block(x, height, width)
+        return x
+
+
+class FocalTransformer(nn.Module):
+    """Focal Transformer classifier. Keyword arguments, their meaning and defaults follow the
+    official `FocalTransformer`; `expand_stages` is honoured (stages outside it do not expand).
+
+    The model accepts any input size: `img_size` only fixes the parameter shapes (where a stage map
+    is no larger than the window); maps are padded to window multiples at run time.
+    """
+
+    def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
+                 num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.,
+                 qkv_bias: bool = True, qk_scale: Optional[float] = None, drop_rate: float = 0.,
+                 attn_drop_rate: float = 0., drop_path_rate: float = 0.1, norm_layer=nn.LayerNorm,
+                 ape: bool = False, patch_norm: bool = True, use_checkpoint: bool = False, use_shift: bool = False,
+                 focal_stages: Sequence[int] = (0, 1, 2, 3), focal_levels: Sequence[int] = (1, 1, 1, 1),
+                 focal_windows: Sequence[int] = (7, 5, 3, 1), focal_pool: str = 'fc',
+                 expand_stages: Sequence[int] = (0, 1, 2, 3), expand_sizes: Sequence[int] = (3, 3, 3, 3),
+                 expand_layer: str = 'all', use_conv_embed: bool = False, use_layerscale: bool = False,
+                 layerscale_value: float = 1e-4, use_pre_norm: bool = False, **kwargs):
+        super().__init__()
+        num_stages = len(depths)
+        for name, values in (('num_heads', num_heads), ('focal_levels', focal_levels),
+                             ('focal_windows', focal_windows), ('expand_sizes', expand_sizes)):
+            if len(values) != num_stages:
+                raise ValueError(f'{name} has {len(values)} entries, depths has {num_stages}')
+        if focal_pool not in POOL_METHODS:
+            raise ValueError(f'focal_pool must be one of {POOL_METHODS}, got {focal_pool!r}')
+        if expand_layer not in EXPAND_LAYERS:
+            raise ValueError(f'expand_layer must be one of {EXPAND_LAYERS}, got {expand_layer!r}')
+        if any(w % 2 == 0 for w in focal_windows):
+            raise ValueError(f'focal_windows must be odd, got {list(focal_windows)}')
+        if kwargs:
+            _logger.warning('FocalTransformer ignores unknown arguments %s', sorted(kwargs))
+
+        self.num_classes = num_classes
+        self.num_layers = num_stages
+        self.embed_dim = embed_dim
+        self.num_features = int(embed_dim * 2 ** (num_stages - 1))
+        self.ape = ape
+        self.patch_embed = PatchEmbed(
+            patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, use_conv_embed=use_conv_embed,
+            norm_layer=norm_layer if patch_norm else None, use_pre_norm=use_pre_norm, is_stem=True)
+        img_size = to_2tuple(img_size)
+        self.patches_resolution = (img_size[0] // patch_size, img_size[1] // patch_size)
+        if ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.patches_resolution[0] * self.patches_resolution[1], embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=.02)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+
+        drop_path = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.layers = nn.ModuleList()
+        self.feature_info = []
+        for i in range(num_stages):
+            dim = int(embed_dim * 2 ** i)
+            self.layers.append(FocalStage(
+                dim=dim,
+                input_resolution=(self.patches_resolution[0] // 2 ** i, self.patches_resolution[1] // 2 ** i),
+                depth=depths[i], num_heads=num_heads[i], window_size=window_size,
+                expand_size=expand_sizes[i] if i in expand_stages else 0, expand_layer=expand_layer,
+                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
+                drop_path=drop_path[sum(depths[:i]):sum(depths[:i + 1])], norm_layer=norm_layer,
+                pool_method=focal_pool if i in focal_stages else 'none', focal_level=focal_levels[i],
+                focal_window=focal_windows[i], use_conv_embed=use_conv_embed, use_shift=use_shift,
+                use_pre_norm=use_pre_norm, downsample=i < num_stages - 1, use_checkpoint=use_checkpoint,
+                use_layerscale=use_layerscale, layerscale_value=layerscale_value))
+            self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f'layers.{i}'))
+        self.norm = norm_layer(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {'absolute_pos_embed'}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self):
+        return {'relative_position_bias_table', 'relative_position_bias_table_to_neighbors',
+                'relative_position_bias_table_to_windows'}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.layers:
+            stage.use_checkpoint = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def absolute_position_embedding(self, height: int, width: int) -> torch.Tensor:
+        """(1, H*W, C) absolute position embedding, bicubically resized from the built grid."""
+        pos = self.absolute_pos_embed
+        if (height, width) == self.patches_resolution:
+            return pos
+        grid = pos.transpose(1, 2).reshape(1, -1, *self.patches_resolution)
+        grid = F.interpolate(grid, size=(height, width), mode='bicubic', align_corners=False)
+        return grid.flatten(2).transpose(1, 2)
+
+    def stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+        """(B, C, H, W) image -> (B, H/4*W/4, embed_dim) tokens and their map size."""
+        x, (height, width) = self.patch_embed(x)
+        if self.ape:
+            x = x + self.absolute_position_embedding(height, width)
+        return self.pos_drop(x), height, width
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, num_features) pooled, normed features."""
+        x, height, width = self.stem(x)
+        for stage in self.layers:
+            x = stage(x, height, width)
+            if stage.downsample is not None:
+                x, (height, width) = stage.downsample(x.transpose(1, 2).reshape(x.shape[0], -1, height, width))
+        return self.norm(x).mean(1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+OFFICIAL_BUFFERS = ('relative_position_index', 'valid_ind_rolled', 'valid_ind_unfold', 'attn_mask')
+POSITION_TABLES = ('relative_position_bias_table', 'relative_position_bias_table_to_neighbors',
+                   'relative_position_bias_table_to_windows')
+
+
+def _resize_square(grid: torch.Tensor, side: int) -> torch.Tensor:
+    """Bicubic resize of (N, s, s) maps to (N, side, side)."""
+    return F.interpolate(grid[None].float(), size=(side, side), mode='bicubic', align_corners=False)[0].to(grid.dtype)
+
+
+def _adapt_tensor(name: str, value: torch.Tensor, target: torch.Tensor) -> Optional[torch.Tensor]:
+    """The checkpoint tensor resized to the model's shape, or None when no resize is meaningful."""
+    if name.endswith('relative_position_bias_table'):  # (side^2, nH)
+        side = math.isqrt(target.shape[0])
+        old = math.isqrt(value.shape[0])
+        if value.shape[1] == target.shape[1] and old * old == value.shape[0]:
+            return _resize_square(value.t().reshape(-1, old, old), side).reshape(target.shape[1], -1).t()
+    elif '.relative_position_bias_table_to_windows.' in name:  # (nH, side^2)
+        side = math.isqrt(target.shape[1])
+        old = math.isqrt(value.shape[1])
+        if value.shape[0] == target.shape[0] and old * old == value.shape[1]:
+            return _resize_square(value.reshape(-1, old, old), side).reshape(target.shape[0], -1)
+    elif name == 'absolute_pos_embed':  # (1, side^2, C)
+        side = math.isqrt(target.shape[1])
+        old = math.isqrt(value.shape[1])
+        if value.shape[2] == target.shape[2] and old * old == value.shape[1] and side * side == target.shape[1]:
+            return _resize_square(value[0].t().reshape(-1, old, old), side).reshape(target.shape[2], -1).t()[None]
+    elif '.pool_layers.' in name and name.endswith('.weight'):  # fc (1, s^2) or depthwise conv (C, 1, s, s)
+        old_side, side = math.isqrt(value[0].numel()), math.isqrt(target[0].numel())
+        if value.shape[0] == target.shape[0] and old_side * old_side == value[0].numel():
+            resized = _resize_square(value.reshape(-1, old_side, old_side), side) * (old_side / side) ** 2
+            return resized.reshape(target.shape)  # rescaled so a pooling window keeps its total weight
+    return None
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Turn a checkpoint as the official code (or ours) saves it into a state dict that
+    `model.load_state_dict(sd, strict=True)` accepts.
+
+    Accepts a dict holding 'model' or 'state_dict', or a bare state dict, with or without
+    `module.` prefixes. Drops the official index/mask buffers (recomputed here). Adapts, logging
+    one line each: a head of another class count (re-initialised), position tables, absolute
+    position embeddings and pooling weights of another window size (bicubic resize), position
+    tables the checkpoint lacks or the model lacks (kept at init / dropped). Anything else that
+    differs raises ValueError listing the keys.
+    """
+    for key in ('model', 'state_dict'):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    source = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    target = model.state_dict()
+    result, unexpected, mismatched = {}, [], []
+
+    for name, value in source.items():
+        if name not in target:
+            if any(buffer in name for buffer in OFFICIAL_BUFFERS):
+                continue
+            if name.startswith('head.') or name.endswith('relative_position_bias_table_to_neighbors'):
+                _logger.info('checkpoint %s %s is not used by this model: dropped', name, tuple(value.shape))
+                continue
+            unexpected.append(name)
+            continue
+        wanted = target[name]
+        if value.shape == wanted.shape:
+            result[name] = value
+        elif name.startswith('head.'):
+            _logger.info('checkpoint %s %s does not fit the head %s: re-initialised',
+                         name, tuple(value.shape), tuple(wanted.shape))
+            result[name] = wanted
+        else:
+            adapted = None if name.endswith('_to_neighbors') else _adapt_tensor(name, value, wanted)
+            if adapted is not None:
+                _logger.info('checkpoint %s resized from %s to %s (bicubic)', name, tuple(value.shape), tuple(wanted.shape))
+                result[name] = adapted.to(wanted.dtype)
+            elif name.endswith('_to_neighbors'):
+                _logger.info('checkpoint %s %s does not fit %s (another window or expand size): kept at init',
+                             name, tuple(value.shape), tuple(wanted.shape))
+                result[name] = wanted
+            else:
+                mismatched.append(f'{name} {tuple(value.shape)} vs {tuple(wanted.shape)}')
+
+    missing = []
+    for name, wanted in target.items():
+        if name in result:
+            continue
+        if name.startswith('head.') or any(table in name for table in POSITION_TABLES):
+            _logger.info('checkpoint lacks %s: kept at init', name)
+            result[name] = wanted
+        else:
+            missing.append(name)
+
+    if missing or unexpected or mismatched:
+        def listing(title, names):
+            shown = ', '.join(names[:8]) + (f', ... ({len(names)} in all)' if len(names) > 8 else '')
+            return f'{title}: {shown}' if names else ''
+        problems = '; '.join(p for p in (listing('missing', missing), listing('unexpected', unexpected),
+                                          listing('shape mismatch', mismatched)) if p)
+        raise ValueError(f'checkpoint does not match this {type(model).__name__} architecture: {problems}')
+    return result
+
+
+def _create_focal(variant: str, pretrained: bool = False, **kwargs) -> FocalTransformer:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    return build_model_with_cfg(
+        FocalTransformer, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
+        **kwargs)
+
+
+RELEASE_URL = 'https://projects4jw.blob.core.windows.net/focaltransformer/models/imagenet1k/'
+
+
+def _cfg(file_name: str) -> dict:
+    return dict(
+        url=RELEASE_URL + file_name, num_classes=1000, input_size=(3, 224, 224), pool_size=None,
+        crop_pct=0.875, interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        first_conv='patch_embed.proj', classifier='head', license='mit')
+
+
+default_cfgs = {
+    'focal_tiny_patch4_window7_224': _cfg('focal-tiny-is224-ws7.pth'),
+    'focal_small_patch4_window7_224': _cfg('focal-small-is224-ws7.pth'),
+    'focal_base_patch4_window7_224': _cfg('focal-base-is224-ws7.pth'),
+    'focal_tiny_useconv_patch4_window7_224': _cfg('focal-tiny-useconv-is224-ws7.pth'),
+    'focal_small_useconv_patch4_window7_224': _cfg('focal-small-useconv-is224-ws7.pth'),
+    'focal_base_useconv_patch4_window7_224': _cfg('focal-base-useconv-is224-ws7.pth'),
+}
+
+FOCAL_ARGS = dict(window_size=7, focal_pool='fc', focal_stages=(0, 1, 2, 3), focal_levels=(2, 2, 2, 2),
+                  focal_windows=(7, 5, 3, 1), expand_sizes=(3, 3, 3, 3))
+TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2, **FOCAL_ARGS)
+SMALL = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3, **FOCAL_ARGS)
+BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **FOCAL_ARGS)
+
+
+@register_model
+def focal_tiny_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
+    return _create_focal('focal_tiny_patch4_window7_224', pretrained, **dict(TINY, **kwargs))
+
+
+@register_model
+def focal_small_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
+    return _create_focal('focal_small_patch4_window7_224', pretrained, **dict(SMALL, **kwargs))
+
+
+@register_model
+def focal_base_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
+    return _create_focal('focal_base_patch4_window7_224', pretrained, **dict(BASE, **kwargs))
+
+
+@register_model
+def focal_tiny_useconv_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
+    return _create_focal('focal_tiny_useconv_patch4_window7_224', pretrained, **dict(TINY, use_conv_embed=True, **kwargs))
+
+
+@register_model
+def focal_small_useconv_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
+    return _create_focal('focal_small_useconv_patch4_window7_224', pretrained, **dict(SMALL, use_conv_embed=True, **kwargs))
+
+
+@register_model
+def focal_base_useconv_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
+    return _create_focal('focal_base_useconv_patch4_window7_224', pretrained, **dict(BASE, use_conv_embed=True, **kwargs))
