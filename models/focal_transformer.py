@@ -25,6 +25,7 @@ import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
+from timm.models._features import feature_take_indices
 
 _logger = logging.getLogger(__name__)
 
@@ -554,6 +555,50 @@ class FocalTransformer(nn.Module):
                 x, (height, width) = stage.downsample(x.transpose(1, 2).reshape(x.shape[0], -1, height, width))
         return self.norm(x).mean(1)
 
+    def forward_intermediates(
+            self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
+            stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's multi-scale API: the outputs of the stages in `indices` (last n if int, all if
+        None), each taken after the stage's blocks and before its downsample, as (B, C_i, H_i, W_i)
+        ('NCHW') or (B, H_i, W_i, C_i) ('NHWC'). `norm` applies the final norm to the last stage's
+        map. Also returns the features `forward_features` would give, or with `stop_early` (which
+        skips the stages after the last one taken) that stage's (B, H_i*W_i, C_i) tokens."""
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        last = max_index if stop_early else len(self.layers) - 1
+        intermediates = []
+        x, height, width = self.stem(x)
+        for i, stage in enumerate(self.layers[:last + 1]):
+            x = stage(x, height, width)
+            if i in take_indices:
+                y = self.norm(x) if norm and i == len(self.layers) - 1 else x
+                y = y.view(x.shape[0], height, width, -1)
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
+            if stage.downsample is not None and i < last:
+                x, (height, width) = stage.downsample(x.transpose(1, 2).reshape(x.shape[0], -1, height, width))
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x).mean(1) if last == len(self.layers) - 1 else x), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop what the stages in `indices` do not need: later stages and the last kept stage's
+        downsample, the final norm (`prune_norm`, or when stages were dropped) and the head.
+        Returns the absolute indices kept, for `forward_intermediates`."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        prune_end = max_index < len(self.layers) - 1
+        if prune_end:
+            self.layers = self.layers[:max_index + 1]
+            self.layers[max_index].downsample = None
+            self.num_features = self.feature_info[max_index]['num_chs']
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_head or prune_end:
+            self.reset_classifier(0)
+        return take_indices
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return x if pre_logits else self.head(x)
 
@@ -668,7 +713,7 @@ def _create_focal(variant: str, pretrained: bool = False, **kwargs) -> FocalTran
     return build_model_with_cfg(
         FocalTransformer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
+        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),  # stages need (H, W): use forward_intermediates
         **kwargs)
 
 
