@@ -477,7 +477,7 @@ class FocalTransformer(nn.Module):
             trunc_normal_(self.absolute_pos_embed, std=.02)
         self.pos_drop = nn.Dropout(p=drop_rate)
 
-        drop_path = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        drop_path = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()  # works under a meta device
         self.layers = nn.ModuleList()
         self.feature_info = []
         for i in range(num_stages):
@@ -637,7 +637,7 @@ def _adapt_tensor(name: str, value: torch.Tensor, target: torch.Tensor) -> Optio
         old_side, side = math.isqrt(value[0].numel()), math.isqrt(target[0].numel())
         if value.shape[0] == target.shape[0] and old_side * old_side == value[0].numel():
             resized = _resize_square(value.reshape(-1, old_side, old_side), side) * (old_side / side) ** 2
-            return resized.reshape(target.shape)  # rescaled so a pooling window keeps its total weight
+            return resized.reshape(target.shape)  # rescaled by the area ratio: a pooling window keeps about its total weight
     return None
 
 
