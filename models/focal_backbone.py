@@ -4,8 +4,9 @@ experiments): the stage feature maps as NCHW tensors, each through its own Layer
 `FocalBackbone` owns a headless `FocalTransformer` (`body`) and adds what the official detection
 backbone (Swin-style, for mmdetection) adds: one LayerNorm per output stage, named `norm{i}` and
 applied to the stage's tokens before they are reshaped to a map, frozen early stages and gradient
-checkpointing. Stage i of an (H, W) image has stride 4 * 2^i and, since the image is zero-padded
-bottom/right to a multiple of 32, exactly ceil(H / stride) x ceil(W / stride) positions.
+checkpointing. The image is zero-padded bottom/right to a multiple of 32, so stage i has stride
+exactly 4 * 2^i: (ceil(H / 32) * 32 / stride) x (ceil(W / 32) * 32 / stride) positions, the maps a
+detector gets anyway from a batch padded to 32.
 
 Weights come from an ImageNet classification checkpoint (ours or released) or a detector's
 checkpoint (keys `backbone.*`, as mmdetection saves them) through `load_checkpoint`, which hands
@@ -34,7 +35,7 @@ Checkpoint = Union[str, os.PathLike, Dict[str, torch.Tensor]]
 
 class FocalBackbone(nn.Module):
     """Multi-scale Focal Transformer: (B, 3, H, W) -> OrderedDict {str(i): (B, C_i, H_i, W_i)} for
-    i in `out_indices`, H_i = ceil(H / strides[i]).
+    i in `out_indices`, H_i = H_pad / strides[i] with H_pad = H rounded up to `pad_to`.
 
     out_indices: stages to return (0..3; the detectors of the paper take all four, or the last three).
     frozen_stages: -1 trains everything; 0 freezes the patch embedding (and absolute position
