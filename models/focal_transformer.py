@@ -32,6 +32,7 @@ _logger = logging.getLogger(__name__)
 __all__ = ['FocalTransformer', 'checkpoint_filter_fn']
 
 MASKED = -100.0  # the official code's additive mask value (not -inf: a fully masked row stays finite)
+KEY_ALIGNMENT = 8  # keys per window rounded up to this: bias rows of 16-byte multiples in bf16/fp16
 POOL_METHODS = ('fc', 'mean', 'max', 'conv', 'none')
 EXPAND_LAYERS = ('all', 'even', 'odd')
 
@@ -113,7 +114,8 @@ class WindowLayout:
     the attention bias (shift-region mask and masks of pooled neighbours outside the map).
 
     key_index: (nW * S,) positions into the key/value source [fine map tokens, pooled tokens of
-        each level, one zero token].
+        each level, one zero token]. S is padded to a multiple of KEY_ALIGNMENT with zero keys
+        masked by -inf, so the bias rows meet the fused kernels' alignment without a padded copy.
     mask: (nW, ws^2, S) additive mask.
     """
 
@@ -144,6 +146,9 @@ class WindowLayout:
             key_index.append(torch.where(valid, base + position, num_tokens))
             masks.append((~valid).float()[:, None, :].expand(-1, area, -1) * MASKED)
             base += nwh * nww * 4 ** level
+        alignment_keys = attn.num_keys - attn.num_attended_keys
+        key_index.append(torch.full((num_windows, alignment_keys), num_tokens))
+        masks.append(torch.full((num_windows, area, alignment_keys), float('-inf')))
 
         self.num_windows = num_windows
         self.key_index = torch.cat(key_index, 1).flatten().to(device)
@@ -197,7 +202,11 @@ class FocalWindowAttention(nn.Module):
                 self.relative_position_bias_table_to_windows.append(table)
                 position_index.append(table_size + relative_position_index(window_size, key_size))
                 table_size += table.shape[1]
-        self.register_buffer('position_bias_index', torch.cat(position_index, 1), persistent=False)
+        position_index = torch.cat(position_index, 1)
+        self.num_attended_keys = position_index.shape[1]
+        self.num_keys = math.ceil(self.num_attended_keys / KEY_ALIGNMENT) * KEY_ALIGNMENT
+        position_index = F.pad(position_index, (0, self.num_keys - self.num_attended_keys))
+        self.register_buffer('position_bias_index', position_index, persistent=False)
 
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)

@@ -155,6 +155,11 @@ def test_expand_stages_and_layers_select_blocks_with_surroundings():
     assert surrounding == [[132, 0], [0, 0], [132, 0], [0, 0]]
 
 
+def test_keys_per_window_are_padded_for_fused_kernels():
+    attn = FocalTransformer(**MICRO).layers[0].blocks[0].attn
+    assert attn.num_attended_keys == 49 + 132 + 49 and attn.num_keys == 232
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = FocalTransformer(**{**MICRO, 'img_size': 64})
