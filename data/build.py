@@ -1,0 +1,156 @@
+"""`build_loader(config)`: datasets, transforms, samplers, loaders and mixup for a run."""
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from timm.data import Mixup, create_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+from yacs.config import CfgNode as CN
+
+from config import mixup_active
+
+from .demo import demo_dataset_dir, write_demo_dataset
+from .images import (DataError, ImageDataset, collate_eval, collate_train, folder_samples,
+                     zip_samples)
+from .samplers import ShardRandomSampler, ShardSampler
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Loaders:
+    dataset_train: ImageDataset
+    dataset_val: ImageDataset
+    loader_train: torch.utils.data.DataLoader
+    loader_val: torch.utils.data.DataLoader
+    mixup_fn: Optional[Mixup]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.dataset_train.classes)
+
+
+def demo_data_path(config: CN) -> str:
+    """Where the procedural demo dataset for this config lives."""
+    demo = config.DATA.DEMO
+    cache_root = demo.ROOT or os.path.join(REPO_ROOT, '.cache')
+    return demo_dataset_dir(cache_root, demo.IMAGE_SIZE, demo.TRAIN_PER_CLASS,
+                            demo.VAL_PER_CLASS)
+
+
+def prepare_demo_data(config: CN, is_main: bool) -> Tuple[str, bool]:
+    """Write the demo dataset (main process only) and return its path and whether it is new.
+    Other processes must wait at a barrier before reading it."""
+    root = demo_data_path(config)
+    written = False
+    if is_main:
+        demo = config.DATA.DEMO
+        written = write_demo_dataset(root, demo.IMAGE_SIZE, demo.TRAIN_PER_CLASS,
+                                     demo.VAL_PER_CLASS, seed=config.SEED)
+    return root, written
+
+
+def build_transform(is_train: bool, config: CN) -> transforms.Compose:
+    """timm's ImageNet training pipeline (random resized crop, flip, RandAugment, colour jitter,
+    random erasing), or resize + centre crop for evaluation. Images of 32 px or less use a
+    padded random crop instead of the resized crop, and no resizing for evaluation."""
+    img_size = config.DATA.IMG_SIZE
+    resize_im = img_size > 32
+    if is_train:
+        aug = config.AUG
+        transform = create_transform(
+            input_size=img_size,
+            is_training=True,
+            color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
+            auto_augment=aug.AUTO_AUGMENT if aug.AUTO_AUGMENT != 'none' else None,
+            re_prob=aug.REPROB,
+            re_mode=aug.REMODE,
+            re_count=aug.RECOUNT,
+            interpolation=config.DATA.INTERPOLATION,
+        )
+        if not resize_im:
+            transform.transforms[0] = transforms.RandomCrop(img_size, padding=4)
+        return transform
+    interpolation = InterpolationMode.BICUBIC if config.DATA.INTERPOLATION == 'bicubic' \
+        else InterpolationMode.BILINEAR
+    steps = []
+    if resize_im:
+        if config.TEST.CROP:
+            steps += [transforms.Resize(int(256 / 224 * img_size), interpolation=interpolation),
+                      transforms.CenterCrop(img_size)]
+        else:
+            steps.append(transforms.Resize((img_size, img_size), interpolation=interpolation))
+    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+    return transforms.Compose(steps)
+
+
+def build_dataset(is_train: bool, config: CN, data_path: str) -> ImageDataset:
+    split = 'train' if is_train else 'val'
+    if config.DATA.ZIP_MODE:
+        samples, classes = zip_samples(data_path, split)
+    else:
+        samples, classes = folder_samples(os.path.join(data_path, split))
+    return ImageDataset(samples, classes, build_transform(is_train, config))
+
+
+def shard_indices(num_samples: int, rank: int, world_size: int, equal_length: bool) -> range:
+    stop = (num_samples // world_size) * world_size if equal_length else num_samples
+    return range(rank, stop, world_size)
+
+
+def data_path_of(config: CN) -> str:
+    """`DATA.DATA_PATH`, or the demo dataset's folder when it is empty."""
+    return config.DATA.DATA_PATH or demo_data_path(config)
+
+
+def build_loader(config: CN, rank: int = 0, world_size: int = 1) -> Loaders:
+    """Datasets and loaders for `DATA.DATA_PATH` (the ImageNet layout, or its zip form with
+    `DATA.ZIP_MODE`), or for the demo dataset, which `prepare_demo_data` must have written.
+
+    Training shuffles with a `DistributedSampler`, or with `--cache-mode part` over the images
+    this process cached. Validation gives each image to exactly one process (`ShardSampler`).
+    In zip mode `DATA.CACHE_MODE` holds all training images ('full') or this process's shard
+    ('part') in memory; the validation shard is always cached. Mixup targets have one entry
+    per training class folder (`Loaders.num_classes`).
+    """
+    data_path = data_path_of(config)
+    if not os.path.isdir(data_path):
+        raise DataError(f"data path not found: {data_path}")
+    dataset_train = build_dataset(True, config, data_path)
+    dataset_val = build_dataset(False, config, data_path)
+
+    cache_part = config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == 'part'
+    if cache_part:
+        own_train = shard_indices(len(dataset_train), rank, world_size, equal_length=True)
+        dataset_train.cache(own_train)
+        sampler_train = ShardRandomSampler(own_train, seed=config.SEED)
+    else:
+        if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == 'full':
+            dataset_train.cache(range(len(dataset_train)))
+        sampler_train = torch.utils.data.DistributedSampler(
+            dataset_train, num_replicas=world_size, rank=rank, shuffle=True, seed=config.SEED)
+    sampler_val = ShardSampler(len(dataset_val), rank, world_size)
+    if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE != 'no':
+        dataset_val.cache(sampler_val.indices)
+
+    common = dict(batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
+                  pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
+                  persistent_workers=config.DATA.NUM_WORKERS > 0)
+    loader_train = torch.utils.data.DataLoader(
+        dataset_train, sampler=sampler_train, drop_last=True, collate_fn=collate_train, **common)
+    loader_val = torch.utils.data.DataLoader(
+        dataset_val, sampler=sampler_val, drop_last=False, collate_fn=collate_eval, **common)
+
+    mixup_fn = None
+    if mixup_active(config):
+        aug = config.AUG
+        mixup_fn = Mixup(
+            mixup_alpha=aug.MIXUP, cutmix_alpha=aug.CUTMIX, cutmix_minmax=aug.CUTMIX_MINMAX,
+            prob=aug.MIXUP_PROB, switch_prob=aug.MIXUP_SWITCH_PROB, mode=aug.MIXUP_MODE,
+            label_smoothing=config.MODEL.LABEL_SMOOTHING,
+            num_classes=len(dataset_train.classes))
+    return Loaders(dataset_train, dataset_val, loader_train, loader_val, mixup_fn)
+

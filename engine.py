@@ -1,0 +1,231 @@
+"""One training epoch, evaluation and throughput measurement: plain functions with explicit
+arguments, so that they run the same under DDP, on one GPU and on a CPU in a test."""
+import contextlib
+import datetime
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from timm.utils import AverageMeter
+from torch import nn
+
+from data.images import DataError
+from distributed import all_processes_agree, all_reduce_sum
+from utils import UserError
+
+
+class NonFiniteLossError(UserError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How a batch becomes an optimizer step.
+
+    accumulation_steps: micro-batches per optimizer step (the loss is divided by it).
+    clip_grad: gradient-norm clipping threshold; 0 means no clipping.
+    amp_dtype: autocast dtype, or None for full precision.
+    print_freq: log every this many optimizer steps.
+    """
+    accumulation_steps: int = 1
+    clip_grad: float = 0.0
+    amp_dtype: Optional[torch.dtype] = None
+    print_freq: int = 100
+
+
+class NonFiniteGuard:
+    """Counts optimizer steps skipped for a non-finite loss (or, without a gradient scaler, a
+    non-finite gradient norm) and raises once `limit` of them come in a row. The streak carries
+    over epoch boundaries; one good step resets it."""
+
+    def __init__(self, limit: int, logger: logging.Logger) -> None:
+        self.limit = limit
+        self.streak = 0
+        self.logger = logger
+
+    def record(self, step_ok: bool, epoch: int, step: int, what: str) -> None:
+        if step_ok:
+            self.streak = 0
+            return
+        self.streak += 1
+        self.logger.warning(f"epoch {epoch} step {step}: non-finite {what}, optimizer step "
+                            f"skipped ({self.streak} in a row, stopping at {self.limit})")
+        if self.streak >= self.limit:
+            raise NonFiniteLossError(
+                f"training diverged: {self.streak} optimizer steps in a row had a non-finite "
+                f"{what} (epoch {epoch}, step {step}); stopped without saving, the last "
+                f"checkpoint is the last good state. Lower TRAIN.BASE_LR, check the data, or "
+                f"try AMP_DTYPE bf16/none")
+
+
+@dataclass
+class EvalResult:
+    acc1: float
+    acc5: float
+    loss: float
+    num_images: int
+
+
+def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                          enabled=amp_dtype is not None)
+
+
+def memory_used_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, resident set size on a CPU."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_one_epoch(model: nn.Module, criterion: Callable, loader, optimizer: torch.optim.Optimizer,
+                    scheduler, scaler: Optional[torch.amp.GradScaler], ema, mixup_fn: Optional[Callable],
+                    epoch: int, num_epochs: int, steps_per_epoch: int, settings: StepSettings,
+                    guard: NonFiniteGuard, device: torch.device, logger: logging.Logger,
+                    tb_writer=None) -> float:
+    """Train for `steps_per_epoch` optimizer steps of `settings.accumulation_steps` batches
+    each; return the mean loss of the steps taken.
+
+    `model` may be DDP-wrapped (inner micro-batches run under `no_sync`) and/or compiled;
+    `ema.update` receives the unwrapped module. The scheduler advances once per optimizer
+    step, skipped or not, so the schedule follows the data seen.
+    """
+    model.train()
+    accumulation = settings.accumulation_steps
+    params = [p for group in optimizer.param_groups for p in group['params']]
+    module = getattr(model, 'module', model)
+    no_sync = getattr(model, 'no_sync', None)
+    loss_meter, norm_meter, step_time = AverageMeter(), AverageMeter(), AverageMeter()
+    optimizer.zero_grad(set_to_none=True)
+    step_ok, step_loss = True, 0.0
+    start = end = time.time()
+    batches = iter(loader)
+    for step in range(steps_per_epoch):
+        for micro in range(accumulation):
+            batch = next(batches)
+            if batch is None:
+                raise DataError("every image of a training batch is unreadable "
+                                "(see the warnings above for the files)")
+            images, targets = batch
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if mixup_fn is not None:
+                images, targets = mixup_fn(images, targets)
+            inner = micro < accumulation - 1
+            sync_context = no_sync() if inner and no_sync is not None else contextlib.nullcontext()
+            with sync_context:
+                with autocast(device, settings.amp_dtype):
+                    outputs = model(images)
+                loss = criterion(outputs.float(), targets)
+                finite = all_processes_agree(bool(torch.isfinite(loss).item()), device)
+                if finite and step_ok:
+                    scaled = loss / accumulation
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                    step_loss += loss.item() / accumulation
+                step_ok = step_ok and finite
+
+        what = 'loss'
+        grad_norm = None
+        if step_ok:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, settings.clip_grad if settings.clip_grad > 0 else float('inf')).item()
+            if scaler is not None:
+                scaler.step(optimizer)  # skips the step itself on inf/NaN gradients
+                scaler.update()
+            elif not torch.isfinite(torch.tensor(grad_norm)):
+                step_ok, what = False, 'gradient norm'
+            else:
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        global_step = epoch * steps_per_epoch + step + 1
+        scheduler.step_update(num_updates=global_step)
+        guard.record(step_ok, epoch, step, what)
+        if step_ok:
+            if ema is not None:
+                ema.update(module, step=global_step)
+            loss_meter.update(step_loss)
+            norm_meter.update(grad_norm)
+            if tb_writer is not None:
+                tb_writer.add_scalar('train/loss', step_loss, global_step)
+                tb_writer.add_scalar('train/grad_norm', grad_norm, global_step)
+                tb_writer.add_scalar('train/lr', optimizer.param_groups[0]['lr'], global_step)
+        step_ok, step_loss = True, 0.0
+        step_time.update(time.time() - end)
+        end = time.time()
+
+        if step % settings.print_freq == 0 or step == steps_per_epoch - 1:
+            eta = datetime.timedelta(seconds=int(step_time.avg * (steps_per_epoch - step - 1)))
+            logger.info(
+                f'Train: [{epoch}/{num_epochs}][{step}/{steps_per_epoch}]\t'
+                f'eta {eta} lr {optimizer.param_groups[0]["lr"]:.6f}\t'
+                f'time {step_time.val:.4f} ({step_time.avg:.4f})\t'
+                f'loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t'
+                f'grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t'
+                f'mem {memory_used_mb(device):.0f}MB')
+    logger.info(f"EPOCH {epoch} training takes "
+                f"{datetime.timedelta(seconds=int(time.time() - start))}")
+    return loss_meter.avg
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device,
+             amp_dtype: Optional[torch.dtype] = None) -> EvalResult:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over the whole validation set.
+
+    Each process evaluates its own shard; correct counts, loss sums and image counts are
+    summed over processes, so every image counts exactly once whatever the shard sizes.
+    Top-5 becomes top-k with k = number of classes when there are fewer than five.
+    """
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss, n
+    for batch in loader:
+        if batch is None:
+            continue
+        images, targets = batch
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            outputs = model(images)
+        outputs = outputs.float()
+        k = min(5, outputs.shape[1])
+        top = outputs.topk(k, dim=1).indices
+        hits = top == targets[:, None]
+        totals += torch.stack([
+            hits[:, 0].sum(), hits.any(dim=1).sum(),
+            nn.functional.cross_entropy(outputs, targets, reduction='sum'),
+            torch.tensor(len(targets), device=device),
+        ]).to(totals)
+    all_reduce_sum(totals)
+    correct1, correct5, loss_sum, count = totals.tolist()
+    if count == 0:
+        raise DataError("no validation image could be read")
+    return EvalResult(acc1=100.0 * correct1 / count, acc5=100.0 * correct5 / count,
+                      loss=loss_sum / count, num_images=int(count))
+
+
+@torch.no_grad()
+def measure_throughput(model: nn.Module, loader, device: torch.device,
+                       amp_dtype: Optional[torch.dtype] = None, warmup_iters: int = 50,
+                       timed_iters: int = 30) -> float:
+    """Forward-pass images per second on one validation batch, after `warmup_iters` passes."""
+    model.eval()
+    batch = next(iter(loader))
+    if batch is None:
+        raise DataError("the first validation batch is unreadable")
+    images = batch[0].to(device, non_blocking=True)
+    with autocast(device, amp_dtype):
+        for _ in range(warmup_iters):
+            model(images)
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        start = time.time()
+        for _ in range(timed_iters):
+            model(images)
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+    return timed_iters * images.shape[0] / (time.time() - start)
