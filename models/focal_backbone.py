@@ -16,7 +16,7 @@ import logging
 import os
 import re
 from collections import OrderedDict
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -52,14 +52,15 @@ class FocalBackbone(nn.Module):
 
     def __init__(self, out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
                  use_checkpoint: bool = False, img_size: Union[int, Tuple[int, int]] = (800, 1333),
-                 pad_to: int = 32, norm_layer=nn.LayerNorm, **model_kwargs):
+                 pad_to: int = 32, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, **model_kwargs):
         super().__init__()
-        model_kwargs.pop('num_classes', None)
         self.body = FocalTransformer(img_size=img_size, num_classes=0, use_checkpoint=use_checkpoint,
                                      norm_layer=norm_layer, **model_kwargs)
         num_stages = len(self.body.layers)
         if not out_indices or any(not 0 <= i < num_stages for i in out_indices):
             raise ValueError(f'out_indices must be a non-empty subset of 0..{num_stages - 1}, got {list(out_indices)}')
+        if pad_to < 1:
+            raise ValueError(f'pad_to must be a positive multiple, got {pad_to}')
         if not -1 <= frozen_stages <= num_stages:
             raise ValueError(f'frozen_stages must lie in [-1, {num_stages}], got {frozen_stages}')
         self.out_indices = tuple(sorted(set(out_indices)))
