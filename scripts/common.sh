@@ -40,17 +40,32 @@ require_data() {
     fi
 }
 
+# newest_checkpoint [main.py args...]: the newest checkpoint in the run folder those args name.
+newest_checkpoint() {
+    "$PYTHON" -c '
+import sys
+from checkpoint import latest_checkpoint
+from config import get_config, run_folder
+from main import parse_args
+print(latest_checkpoint(run_folder(get_config(parse_args(sys.argv[1:])))) or "")' "$@"
+}
+
 # train_and_eval CONFIG [main.py args...]: train CONFIG with the paper recipe on NPROC GPUs,
-# evaluate the final checkpoint, then measure throughput on one GPU. Each step appends to
-# OUTPUT/<MODEL.NAME>/<TAG>/metrics.jsonl; a finished run resumes at its last epoch, so running
-# a config twice (it appears in several tables) only repeats the evaluation.
+# evaluate its newest (final) checkpoint, then measure throughput on one GPU. Each step appends
+# to OUTPUT/<MODEL.NAME>/<TAG>/metrics.jsonl. A finished run resumes at its last epoch, so a
+# config that appears in several tables is trained once; later calls only repeat the evaluation.
 train_and_eval() {
     local config="$1"
     shift
     require_data
     local args=(--cfg "$config" --data-path "$DATA" --output "$OUTPUT" --tag "$TAG")
     run torchrun --standalone --nproc_per_node="$NPROC" main.py "${args[@]}" --batch-size "$BATCH" "$@"
-    run torchrun --standalone --nproc_per_node="$NPROC" main.py "${args[@]}" --batch-size "$BATCH" --eval "$@"
+    local checkpoint="$OUTPUT/MODEL.NAME/$TAG/NEWEST_CHECKPOINT.pth"  # known once training has run
+    if [[ "$DRY_RUN" != 1 ]]; then
+        checkpoint="$(newest_checkpoint "${args[@]}" "$@")"
+    fi
+    run torchrun --standalone --nproc_per_node="$NPROC" main.py "${args[@]}" --batch-size "$BATCH" \
+        --eval --resume "$checkpoint" "$@"
     run "$PYTHON" main.py "${args[@]}" --batch-size "$THROUGHPUT_BATCH" --throughput "$@"
 }
 

@@ -5,8 +5,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 for config in \
     configs/baselines/swin_tiny.yaml \
     configs/ablations/swin_tiny_noshift.yaml \
-    configs/focal_tiny.yaml \
     configs/ablations/focal_tiny_shift.yaml \
+    configs/focal_tiny.yaml \
 ; do
     train_and_eval "$config" "$@"
 done

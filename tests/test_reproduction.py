@@ -1,0 +1,266 @@
+"""The reproduction kit: configs build the paper's models at the paper's sizes, scripts print the
+runs they would launch, and make_tables.py renders tables and plots from real run folders."""
+import functools
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from timm.models.swin_transformer import SwinTransformerBlock
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, 'scripts'))
+
+import make_tables  # noqa: E402
+from config import get_defaults, merge_config_file, validate_config  # noqa: E402
+from models import build_model  # noqa: E402
+from models.complexity import count_params_m  # noqa: E402
+
+CONFIGS = sorted(os.path.relpath(path, REPO)
+                 for path in glob.glob(os.path.join(REPO, 'configs', '**', '*.yaml'), recursive=True)
+                 if not os.path.basename(path).startswith('_'))
+SCRIPTS = sorted(os.path.basename(path) for path in glob.glob(os.path.join(REPO, 'scripts', '*.sh')))
+RUNNABLE_SCRIPTS = [name for name in SCRIPTS if name != 'common.sh']
+TRAINING_SCRIPTS = [name for name in RUNNABLE_SCRIPTS if name != 'eval_released.sh']
+
+# Focal rows: the official code's counts. Swin rows: the paper's.
+REFERENCE_PARAMS_M = {
+    'configs/focal_tiny.yaml': 28.88,
+    'configs/focal_small.yaml': 51.14,
+    'configs/focal_base.yaml': 89.82,
+    'configs/ablations/focal_tiny_depth2222.yaml': 21.46,
+    'configs/ablations/focal_tiny_depth2242.yaml': 25.17,
+    'configs/baselines/swin_tiny.yaml': 28.3,
+    'configs/ablations/swin_tiny_noshift.yaml': 28.3,
+    'configs/ablations/swin_tiny_depth2222.yaml': 21.2,
+    'configs/ablations/swin_tiny_depth2242.yaml': 24.7,
+}
+
+# Each ablation config differs from its base model in its factor only (and its run name).
+ABLATION_CHANGES = {
+    'configs/ablations/swin_tiny_window14.yaml': {'MODEL.TIMM.KWARGS.window_size': 14},
+    'configs/ablations/swin_tiny_noshift.yaml': {
+        'MODEL.TIMM.NAME': 'swin_tiny_patch4_window7_224_noshift'},
+    'configs/ablations/swin_tiny_depth2222.yaml': {'MODEL.TIMM.KWARGS.depths': [2, 2, 2, 2]},
+    'configs/ablations/swin_tiny_depth2242.yaml': {'MODEL.TIMM.KWARGS.depths': [2, 2, 4, 2]},
+    'configs/ablations/focal_tiny_window14.yaml': {'MODEL.FOCAL.WINDOW_SIZE': 14},
+    'configs/ablations/focal_tiny_shift.yaml': {'MODEL.FOCAL.USE_SHIFT': True},
+    'configs/ablations/focal_tiny_depth2222.yaml': {'MODEL.FOCAL.DEPTHS': [2, 2, 2, 2]},
+    'configs/ablations/focal_tiny_depth2242.yaml': {'MODEL.FOCAL.DEPTHS': [2, 2, 4, 2]},
+    'configs/ablations/focal_tiny_local_only.yaml': {
+        'MODEL.FOCAL.FOCAL_LEVELS': [1, 1, 1, 1], 'MODEL.FOCAL.FOCAL_POOL': 'none'},
+    'configs/ablations/focal_tiny_global_only.yaml': {'MODEL.FOCAL.EXPAND_SIZES': [0, 0, 0, 0]},
+}
+
+PAPER_RECIPE = {
+    'TRAIN.EPOCHS': 300, 'TRAIN.WARMUP_EPOCHS': 20, 'TRAIN.BASE_LR': 5e-4,
+    'TRAIN.WEIGHT_DECAY': 0.05, 'TRAIN.CLIP_GRAD': 5.0, 'TRAIN.LR_SCHEDULER.NAME': 'cosine',
+    'TRAIN.OPTIMIZER.NAME': 'adamw', 'AUG.AUTO_AUGMENT': 'rand-m9-mstd0.5-inc1', 'AUG.MIXUP': 0.8,
+    'AUG.CUTMIX': 1.0, 'AUG.REPROB': 0.25, 'MODEL.LABEL_SMOOTHING': 0.1, 'DATA.BATCH_SIZE': 128,
+}
+DROP_PATH = {'swin_tiny': 0.2, 'swin_small': 0.3, 'swin_base': 0.5, 'focal_tiny': 0.2,
+             'focal_small': 0.3, 'focal_base': 0.5}
+TABLES = [make_tables.TABLE_2, make_tables.TABLE_8, make_tables.TABLE_9, make_tables.TABLE_10,
+          make_tables.FIGURE_5]
+TABLE_CONFIGS = sorted({row.config for table in TABLES for row in table.rows if row.config})
+
+
+def load(path: str):
+    config = get_defaults()
+    merge_config_file(config, os.path.join(REPO, path))
+    validate_config(config)
+    return config
+
+
+@functools.lru_cache(maxsize=None)
+def params_m(path: str) -> float:
+    return count_params_m(build_model(load(path)))
+
+
+def flatten(node, prefix=''):
+    """A CfgNode as {'A.B.C': value}."""
+    items = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            items.update(flatten(value, f'{prefix}{key}.'))
+        else:
+            items[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
+    return items
+
+
+@pytest.mark.parametrize('path', CONFIGS)
+def test_every_config_builds_its_model(path):
+    assert params_m(path) > 0
+
+
+@pytest.mark.parametrize('path', sorted(REFERENCE_PARAMS_M))
+def test_parameter_count_matches_reference(path):
+    assert params_m(path) == pytest.approx(REFERENCE_PARAMS_M[path], abs=0.05)
+
+
+@pytest.mark.parametrize('path', sorted(ABLATION_CHANGES))
+def test_ablation_config_changes_only_its_factor(path):
+    base = 'configs/baselines/swin_tiny.yaml' if 'swin' in path else 'configs/focal_tiny.yaml'
+    before, after = flatten(load(base)), flatten(load(path))
+    changed = {key: value for key, value in after.items()
+               if before.get(key) != value and key not in ('BASE', 'MODEL.NAME')}
+    assert changed == ABLATION_CHANGES[path]
+    assert after['MODEL.NAME'] != before['MODEL.NAME']
+
+
+@pytest.mark.parametrize('path', TABLE_CONFIGS)
+def test_table_config_trains_with_the_paper_recipe(path):
+    config = flatten(load(path))
+    for key, value in PAPER_RECIPE.items():
+        assert config[key] == pytest.approx(value), key
+    expected_size = 384 if 'vit_base_384' in path else 224
+    assert config['DATA.IMG_SIZE'] == expected_size
+    model = os.path.basename(path)[:-len('.yaml')]
+    if model in DROP_PATH:
+        assert config['MODEL.DROP_PATH_RATE'] == DROP_PATH[model]
+
+
+def test_run_names_are_unique_across_table_configs():
+    names = [load(path).MODEL.NAME for path in TABLE_CONFIGS]
+    assert len(names) == len(set(names))
+
+
+def test_swin_noshift_variant_never_shifts_windows():
+    kwargs = dict(img_size=56, embed_dim=24, depths=(2, 2), num_heads=(1, 2), num_classes=5)
+    shifted = timm.create_model('swin_tiny_patch4_window7_224', **kwargs).eval()
+    unshifted = timm.create_model('swin_tiny_patch4_window7_224_noshift', **kwargs).eval()
+    unshifted.load_state_dict(shifted.state_dict())
+    shifted_blocks = [m for m in shifted.modules() if isinstance(m, SwinTransformerBlock)]
+    unshifted_blocks = [m for m in unshifted.modules() if isinstance(m, SwinTransformerBlock)]
+    assert any(any(block.shift_size) for block in shifted_blocks)
+    assert all(not any(block.shift_size) and block.attn_mask is None for block in unshifted_blocks)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert not torch.allclose(shifted(x), unshifted(x))
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_script_passes_bash_syntax_check(script):
+    subprocess.run(['bash', '-n', os.path.join(REPO, 'scripts', script)], check=True)
+
+
+def dry_run(script: str, *args: str, **env: str) -> list:
+    """The commands `script` prints with DRY_RUN=1, one argument list each."""
+    environment = dict(os.environ, DRY_RUN='1', **env)
+    out = subprocess.run(['bash', os.path.join(REPO, 'scripts', script), *args], env=environment,
+                         check=True, capture_output=True, text=True).stdout
+    return [line[2:].split() for line in out.splitlines() if line.startswith('+ ')]
+
+
+def configs_of(commands: list) -> list:
+    return [command[command.index('--cfg') + 1] for command in commands if '--cfg' in command]
+
+
+@pytest.mark.parametrize('script', TRAINING_SCRIPTS)
+def test_dry_run_prints_train_eval_and_throughput_per_config(script):
+    commands = dry_run(script, NPROC='4', BATCH='32', DATA='/data/in1k', OUTPUT='/runs')
+    configs = configs_of(commands)
+    assert configs and all(os.path.isfile(os.path.join(REPO, path)) for path in configs)
+    for config in dict.fromkeys(configs):
+        runs = [c for c in commands if '--cfg' in c and c[c.index('--cfg') + 1] == config]
+        train, evaluate, throughput = runs[-3:]
+        assert train[:3] == ['torchrun', '--standalone', '--nproc_per_node=4']
+        assert '--eval' in evaluate and '--resume' in evaluate
+        assert '--throughput' in throughput and 'torchrun' not in throughput
+        for command in (train, evaluate, throughput):
+            assert command[command.index('--data-path') + 1] == '/data/in1k'
+            assert command[command.index('--output') + 1] == '/runs'
+        assert train[train.index('--batch-size') + 1] == '32'
+
+
+def test_dry_run_passes_extra_arguments_to_main():
+    commands = dry_run('table2_focal_tiny.sh', '--use-checkpoint')
+    assert len(commands) == 3 and all('--use-checkpoint' in command for command in commands)
+
+
+def test_real_run_refuses_a_missing_dataset():
+    result = subprocess.run(['bash', os.path.join(REPO, 'scripts', 'table2_resnet50.sh')],
+                            env=dict(os.environ, DATA='/nonexistent/imagenet'),
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and 'DATA=/nonexistent/imagenet' in result.stderr
+
+
+def test_scripts_run_exactly_the_rows_of_their_tables():
+    table2_scripts = [name for name in TRAINING_SCRIPTS if re.fullmatch(r'table2_.+\.sh', name)]
+    scripted = sorted(config for name in table2_scripts for config in set(configs_of(dry_run(name))))
+    assert scripted == sorted(row.config for row in make_tables.TABLE_2.rows if row.config)
+    assert set(configs_of(dry_run('table2.sh'))) == set(scripted)
+    for script, table in (('table8_window_size.sh', make_tables.TABLE_8),
+                          ('table9_window_shift.sh', make_tables.TABLE_9),
+                          ('table10_depth.sh', make_tables.TABLE_10),
+                          ('figure5_local_global.sh', make_tables.FIGURE_5)):
+        assert list(dict.fromkeys(configs_of(dry_run(script)))) == [row.config for row in table.rows]
+
+
+def test_eval_released_evaluates_each_checkpoint_it_downloads(tmp_path):
+    commands = dry_run('eval_released.sh', CKPT_DIR=str(tmp_path))
+    downloads = [command[command.index('-o') + 1] for command in commands if command[0] == 'curl']
+    evaluated = [command[command.index('--resume') + 1] for command in commands if '--eval' in command]
+    assert len(downloads) == 3 and evaluated == downloads
+    assert all(command[command.index('--tag') + 1] == 'released'
+               for command in commands if '--cfg' in command)
+
+
+@pytest.fixture(scope='module')
+def demo_run(tmp_path_factory):
+    """A one-epoch CPU training run of the demo model on a tiny demo dataset, then a throughput
+    measurement: OUTPUT/focal_demo/default/{config.yaml,metrics.jsonl}."""
+    root = tmp_path_factory.mktemp('runs')
+    common = ['--cfg', 'configs/demo.yaml', '--epochs', '1', '--output', str(root), '--device',
+              'cpu', '--opts', 'DATA.DEMO.ROOT', str(root / 'demo'), 'DATA.DEMO.TRAIN_PER_CLASS',
+              '4', 'DATA.DEMO.VAL_PER_CLASS', '2', 'DATA.NUM_WORKERS', '0', 'TRAIN.WARMUP_EPOCHS', '0']
+    subprocess.run([sys.executable, 'main.py', '--batch-size', '8', *common],
+                   cwd=REPO, check=True, capture_output=True)
+    subprocess.run([sys.executable, 'main.py', '--throughput', '--batch-size', '2', *common],
+                   cwd=REPO, check=True, capture_output=True)
+    return root
+
+
+def test_make_tables_renders_a_table_and_plots_from_a_real_run(demo_run, tmp_path, monkeypatch, capsys):
+    run_dir = demo_run / 'focal_demo' / 'default'
+    records = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+    acc1 = [r for r in records if 'acc1' in r][-1]['acc1']
+    throughput = [r for r in records if 'throughput' in r][-1]['throughput']
+    missing = tmp_path / 'not_run.yaml'
+    missing.write_text(f"BASE: ['{os.path.join(REPO, 'configs', 'demo.yaml')}']\n"
+                       "MODEL:\n  NAME: focal_demo_never_trained\n")
+    table = make_tables.Table('Demo', (
+        make_tables.Row('Demo', 'configs/demo.yaml', make_tables.Paper(1.5, 0.1, 99.9)),
+        make_tables.Row('Demo, never trained', str(missing)),
+        make_tables.Row('Elsewhere', None, make_tables.Paper(25, 4.1, 76.2)),
+    ))
+    monkeypatch.setattr(make_tables, 'TABLES', {'2': table})
+    monkeypatch.setattr(sys, 'argv', ['make_tables.py', '--output', str(demo_run),
+                                      '--plots', str(tmp_path / 'figures')])
+    make_tables.main()
+    markdown = capsys.readouterr().out
+    rows = {line.split('|')[1].strip(): [cell.strip() for cell in line.split('|')[2:-1]]
+            for line in markdown.splitlines() if line.startswith('| ') and '---' not in line}
+    assert rows['Demo'] == ['1.5†', f'{params_m("configs/demo.yaml"):.2f}', '0.1†', rows['Demo'][3],
+                            '99.9†', f'{acc1:.2f}', f'{throughput:.0f}']
+    assert float(rows['Demo'][3]) > 0
+    assert rows['Demo, never trained'][5] == 'not run' and rows['Demo, never trained'][6] == '—'
+    assert rows['Elsewhere'][1] == '—' and rows['Elsewhere'][5] == 'not reproducible here'
+    for name in ('top1_vs_gflops.png', 'top1_vs_throughput.png'):
+        png = (tmp_path / 'figures' / name).read_bytes()
+        assert png.startswith(b'\x89PNG') and len(png) > 10_000
+
+
+def test_unfinished_run_shows_its_progress(tmp_path):
+    run_dir = tmp_path / 'focal_demo' / 'default'
+    run_dir.mkdir(parents=True)
+    (run_dir / 'metrics.jsonl').write_text(
+        json.dumps({'epoch': 3, 'acc1': 40.0, 'acc5': 80.0, 'loss': 1.0, 'max_acc1': 42.5,
+                    'ema_acc1': None}) + '\n')
+    result = make_tables.measure(make_tables.Row('Demo', 'configs/demo.yaml'), str(tmp_path), 'default')
+    assert make_tables.top1_cell(result) == '40.00 (max 42.50) (epoch 4/10)'
