@@ -236,13 +236,13 @@ class FocalWindowAttention(nn.Module):
             kv_weight, kv_bias = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
             sources.append(F.linear(torch.cat(pooled, 1), kv_weight, kv_bias))
         sources.append(x.new_zeros(B, 1, 2 * C))
-        kv = torch.cat(sources, 1).view(B, -1, 2, nh, hd).permute(0, 3, 1, 2, 4)
-        kv = kv.index_select(2, layout.key_index).view(B, nh * layout.num_windows, -1, 2, hd)
+        kv = torch.cat(sources, 1).view(B, -1, 2, nh, hd).permute(0, 2, 3, 1, 4)
+        kv = kv.index_select(3, layout.key_index).view(B, 2, nh * layout.num_windows, -1, hd)
 
         bias = self.position_bias()[:, None] + layout.mask[None]
         bias = bias.view(1, nh * layout.num_windows, ws * ws, -1).to(q.dtype)
         out = F.scaled_dot_product_attention(
-            q, kv[..., 0, :], kv[..., 1, :], attn_mask=bias,
+            q, kv[:, 0], kv[:, 1], attn_mask=bias,
             dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
         out = out.view(B, nh, H // ws, W // ws, ws, ws, hd).permute(0, 2, 4, 3, 5, 1, 6).reshape(B, H, W, C)
         return self.proj_drop(self.proj(out))
