@@ -109,8 +109,10 @@ TABLE_2 = Table(
         Row('Swin-Small', 'configs/baselines/swin_small.yaml', Paper(50, 8.7, 83.1)),
         Row('Swin-Base', 'configs/baselines/swin_base.yaml', Paper(88, 15.4, 83.4)),
         Row('Focal-Tiny', 'configs/focal_tiny.yaml', FOCAL_T),
-        Row('Focal-Small', 'configs/focal_small.yaml', Paper(51.1, 9.1, 83.5, unchecked=('gflops',))),
-        Row('Focal-Base', 'configs/focal_base.yaml', Paper(89.8, 16.0, 83.8, unchecked=('gflops',))),
+        Row('Focal-Small', 'configs/focal_small.yaml',
+            Paper(51.1, 9.1, 83.5, unchecked=('gflops',))),
+        Row('Focal-Base', 'configs/focal_base.yaml',
+            Paper(89.8, 16.0, 83.8, unchecked=('gflops',))),
     ),
     (
         'PVT (v1), ViL and CvT are not in timm: not reproducible here, paper numbers only.',
@@ -262,7 +264,8 @@ def render_table(table: Table, results: Sequence[Result]) -> str:
     lines = [
         f'### {table.title}',
         '',
-        '| Model | Params (M) paper | ours | GFLOPs paper | ours | Top-1 paper | ours | img/s ours |',
+        '| Model | Params (M) paper | ours | GFLOPs paper | ours | Top-1 paper | ours '
+        '| img/s ours |',
         '|---|---:|---:|---:|---:|---:|---:|---:|',
     ]
     for result in results:
@@ -327,7 +330,8 @@ def plot_top1(results: Sequence[Result], x: str, path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--output', default='output', help='root of the run folders (main.py --output)')
+    parser.add_argument('--output', default='output',
+                        help='root of the run folders (main.py --output)')
     parser.add_argument('--tag', default='default', help='run tag (main.py --tag)')
     parser.add_argument('--tables', nargs='+', choices=list(TABLES), default=list(TABLES))
     parser.add_argument('--plots', default='docs/figures',

@@ -22,9 +22,9 @@ from models import build_model  # noqa: E402
 from models.complexity import count_params_m  # noqa: E402
 
 CONFIGS = sorted(os.path.relpath(path, REPO)
-                 for path in glob.glob(os.path.join(REPO, 'configs', '**', '*.yaml'), recursive=True)
+                 for path in glob.glob(f'{REPO}/configs/**/*.yaml', recursive=True)
                  if not os.path.basename(path).startswith('_'))
-SCRIPTS = sorted(os.path.basename(path) for path in glob.glob(os.path.join(REPO, 'scripts', '*.sh')))
+SCRIPTS = sorted(os.path.basename(path) for path in glob.glob(f'{REPO}/scripts/*.sh'))
 RUNNABLE_SCRIPTS = [name for name in SCRIPTS if name != 'common.sh']
 TRAINING_SCRIPTS = [name for name in RUNNABLE_SCRIPTS if name != 'eval_released.sh']
 
@@ -192,20 +192,23 @@ def test_real_run_refuses_a_missing_dataset():
 
 def test_scripts_run_exactly_the_rows_of_their_tables():
     table2_scripts = [name for name in TRAINING_SCRIPTS if re.fullmatch(r'table2_.+\.sh', name)]
-    scripted = sorted(config for name in table2_scripts for config in set(configs_of(dry_run(name))))
+    scripted = sorted(config for name in table2_scripts
+                      for config in set(configs_of(dry_run(name))))
     assert scripted == sorted(row.config for row in make_tables.TABLE_2.rows if row.config)
     assert set(configs_of(dry_run('table2.sh'))) == set(scripted)
     for script, table in (('table8_window_size.sh', make_tables.TABLE_8),
                           ('table9_window_shift.sh', make_tables.TABLE_9),
                           ('table10_depth.sh', make_tables.TABLE_10),
                           ('figure5_local_global.sh', make_tables.FIGURE_5)):
-        assert list(dict.fromkeys(configs_of(dry_run(script)))) == [row.config for row in table.rows]
+        scripted = list(dict.fromkeys(configs_of(dry_run(script))))
+        assert scripted == [row.config for row in table.rows]
 
 
 def test_eval_released_evaluates_each_checkpoint_it_downloads(tmp_path):
     commands = dry_run('eval_released.sh', CKPT_DIR=str(tmp_path))
     downloads = [command[command.index('-o') + 1] for command in commands if command[0] == 'curl']
-    evaluated = [command[command.index('--resume') + 1] for command in commands if '--eval' in command]
+    evaluated = [command[command.index('--resume') + 1]
+                 for command in commands if '--eval' in command]
     assert len(downloads) == 3 and evaluated == downloads
     assert all(command[command.index('--tag') + 1] == 'released'
                for command in commands if '--cfg' in command)
@@ -216,9 +219,10 @@ def demo_run(tmp_path_factory):
     """A one-epoch CPU training run of the demo model on a tiny demo dataset, then a throughput
     measurement: OUTPUT/focal_demo/default/{config.yaml,metrics.jsonl}."""
     root = tmp_path_factory.mktemp('runs')
-    common = ['--cfg', 'configs/demo.yaml', '--epochs', '1', '--output', str(root), '--device',
-              'cpu', '--opts', 'DATA.DEMO.ROOT', str(root / 'demo'), 'DATA.DEMO.TRAIN_PER_CLASS',
-              '4', 'DATA.DEMO.VAL_PER_CLASS', '2', 'DATA.NUM_WORKERS', '0', 'TRAIN.WARMUP_EPOCHS', '0']
+    common = ['--cfg', 'configs/demo.yaml', '--epochs', '1', '--output', str(root),
+              '--device', 'cpu', '--opts', 'DATA.DEMO.ROOT', str(root / 'demo'),
+              'DATA.DEMO.TRAIN_PER_CLASS', '4', 'DATA.DEMO.VAL_PER_CLASS', '2',
+              'DATA.NUM_WORKERS', '0', 'TRAIN.WARMUP_EPOCHS', '0']
     subprocess.run([sys.executable, 'main.py', '--batch-size', '8', *common],
                    cwd=REPO, check=True, capture_output=True)
     subprocess.run([sys.executable, 'main.py', '--throughput', '--batch-size', '2', *common],
@@ -226,7 +230,8 @@ def demo_run(tmp_path_factory):
     return root
 
 
-def test_make_tables_renders_a_table_and_plots_from_a_real_run(demo_run, tmp_path, monkeypatch, capsys):
+def test_make_tables_renders_a_table_and_plots_from_a_real_run(demo_run, tmp_path, monkeypatch,
+                                                               capsys):
     run_dir = demo_run / 'focal_demo' / 'default'
     records = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
     acc1 = [r for r in records if 'acc1' in r][-1]['acc1']
@@ -246,8 +251,9 @@ def test_make_tables_renders_a_table_and_plots_from_a_real_run(demo_run, tmp_pat
     markdown = capsys.readouterr().out
     rows = {line.split('|')[1].strip(): [cell.strip() for cell in line.split('|')[2:-1]]
             for line in markdown.splitlines() if line.startswith('| ') and '---' not in line}
-    assert rows['Demo'] == ['1.5†', f'{params_m("configs/demo.yaml"):.2f}', '0.1†', rows['Demo'][3],
-                            '99.9†', f'{acc1:.2f}', f'{throughput:.0f}']
+    demo_params = f'{params_m("configs/demo.yaml"):.2f}'
+    assert rows['Demo'] == ['1.5†', demo_params, '0.1†', rows['Demo'][3], '99.9†', f'{acc1:.2f}',
+                            f'{throughput:.0f}']
     assert float(rows['Demo'][3]) > 0
     assert rows['Demo, never trained'][5] == 'not run' and rows['Demo, never trained'][6] == '—'
     assert rows['Elsewhere'][1] == '—' and rows['Elsewhere'][5] == 'not reproducible here'
@@ -262,5 +268,6 @@ def test_unfinished_run_shows_its_progress(tmp_path):
     (run_dir / 'metrics.jsonl').write_text(
         json.dumps({'epoch': 3, 'acc1': 40.0, 'acc5': 80.0, 'loss': 1.0, 'max_acc1': 42.5,
                     'ema_acc1': None}) + '\n')
-    result = make_tables.measure(make_tables.Row('Demo', 'configs/demo.yaml'), str(tmp_path), 'default')
+    row = make_tables.Row('Demo', 'configs/demo.yaml')
+    result = make_tables.measure(row, str(tmp_path), 'default')
     assert make_tables.top1_cell(result) == '40.00 (max 42.50) (epoch 4/10)'
