@@ -245,7 +245,9 @@ def merge_overrides(config: CN, opts: list) -> None:
 
 def _yacs_message(error: Exception) -> str:
     message = error.args[0] if error.args else str(error)
-    return str(message).replace('Non-existent config key', 'unknown config key')
+    for yacs_wording in ('Non-existent config key', 'Non-existent key'):
+        message = str(message).replace(yacs_wording, 'unknown config key')
+    return message
 
 
 def validate_config(config: CN) -> None:

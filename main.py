@@ -224,6 +224,9 @@ def run(args: argparse.Namespace) -> None:
     logger.info("start training")
     start_time = time.time()
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+        # Seeding per epoch (and rank) makes a resumed run draw the same augmentations, drop
+        # paths and mixes as an uninterrupted one.
+        seed_everything(config.SEED + 10007 * epoch + ctx.rank)
         loaders.loader_train.sampler.set_epoch(epoch)
         train_loss = train_one_epoch(
             runner, criterion, loaders.loader_train, optimizer, scheduler, scaler, ema,

@@ -1,0 +1,198 @@
+"""End-to-end runs of main.py on a micro Focal Transformer and tiny generated data (CPU)."""
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+import main
+from training_helpers import (load_checkpoint, run_main, write_micro_config,
+                              write_tiny_dataset)
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory) -> str:
+    return write_tiny_dataset(str(tmp_path_factory.mktemp('data') / 'tiny'))
+
+
+def read_metrics(run_dir: str) -> list:
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_one_epoch_trains_evaluates_and_writes_run_folder(tmp_path, tiny_data, capsys):
+    cfg = write_micro_config(str(tmp_path))
+    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', str(tmp_path / 'out')]) == 0
+    run_dir = str(tmp_path / 'out' / 'micro_focal' / 'default')
+    out = capsys.readouterr().out
+    assert ' * Acc@1 ' in out and 'on the 30 test images' in out
+
+    [metrics] = read_metrics(run_dir)
+    assert metrics['epoch'] == 0 and metrics['num_images'] == 30
+    assert {'acc1', 'acc5', 'loss', 'max_acc1', 'ema_acc1'} <= set(metrics)
+    assert metrics['ema_acc1'] is None and metrics['max_acc1'] == metrics['acc1']
+
+    checkpoint = load_checkpoint(os.path.join(run_dir, 'ckpt_epoch_0.pth'))
+    assert checkpoint['epoch'] == 0
+    assert set(checkpoint) >= {'model', 'optimizer', 'lr_scheduler', 'scaler', 'ema',
+                               'max_accuracy', 'config'}
+    assert checkpoint['config']['MODEL']['FOCAL']['EMBED_DIM'] == 16
+    assert os.path.exists(os.path.join(run_dir, 'best.pth'))
+    assert os.path.exists(os.path.join(run_dir, 'config.yaml'))
+    assert glob.glob(os.path.join(run_dir, 'events.out.tfevents.*'))
+    assert not glob.glob(os.path.join(run_dir, '*.tmp.*')), "temporary checkpoint left behind"
+
+
+def test_demo_dataset_is_generated_without_data_path(tmp_path, capsys):
+    cfg = write_micro_config(str(tmp_path), """
+DATA:
+  DEMO:
+    IMAGE_SIZE: 32
+    TRAIN_PER_CLASS: 2
+    VAL_PER_CLASS: 1
+""")
+    demo_root = str(tmp_path / 'cache')
+    args = ['--cfg', cfg, '--output', str(tmp_path / 'out'), '--opts', 'DATA.DEMO.ROOT', demo_root]
+    assert run_main(args) == 0
+    assert 'built-in demo dataset' in capsys.readouterr().out
+    [dataset] = os.listdir(demo_root)
+    assert sorted(os.listdir(os.path.join(demo_root, dataset, 'val')))[:2] == ['checkerboard', 'circle']
+
+
+def train_args(cfg: str, data: str, output: str, epochs: int, *extra: str) -> list:
+    return ['--cfg', cfg, '--data-path', data, '--output', output, '--epochs', str(epochs), *extra]
+
+
+def test_interrupted_run_resumes_at_next_epoch_with_identical_state(tmp_path, tiny_data,
+                                                                   monkeypatch):
+    """An interrupted run continues at the epoch after its last checkpoint and ends with the
+    same weights, optimizer and scheduler state as an uninterrupted run (the grad scaler's
+    round trip is tested in test_checkpoint.py: fp16 on a CPU is too slow here)."""
+    cfg = write_micro_config(str(tmp_path), 'TRAIN:\n  WARMUP_EPOCHS: 1\n')
+    assert run_main(train_args(cfg, tiny_data, str(tmp_path / 'reference'), 2)) == 0
+
+    real_train_one_epoch = main.train_one_epoch
+
+    def interrupt_in_second_epoch(*args, **kwargs):
+        if args[8] == 1:  # epoch
+            raise KeyboardInterrupt
+        return real_train_one_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(main, 'train_one_epoch', interrupt_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(train_args(cfg, tiny_data, str(tmp_path / 'resumed'), 2))
+    monkeypatch.setattr(main, 'train_one_epoch', real_train_one_epoch)
+    resumed_dir = str(tmp_path / 'resumed' / 'micro_focal' / 'default')
+    assert sorted(os.listdir(resumed_dir)).count('ckpt_epoch_0.pth') == 1
+    assert not os.path.exists(os.path.join(resumed_dir, 'ckpt_epoch_1.pth'))
+
+    assert run_main(train_args(cfg, tiny_data, str(tmp_path / 'resumed'), 2)) == 0
+    assert [m['epoch'] for m in read_metrics(resumed_dir)] == [0, 1]
+    with open(os.path.join(resumed_dir, 'log_rank0.txt')) as f:
+        assert 'continuing at epoch 1' in f.read()
+
+    reference = load_checkpoint(str(tmp_path / 'reference' / 'micro_focal' / 'default' / 'ckpt_epoch_1.pth'))
+    resumed = load_checkpoint(os.path.join(resumed_dir, 'ckpt_epoch_1.pth'))
+    for name, value in reference['model'].items():
+        torch.testing.assert_close(resumed['model'][name], value, msg=name)
+    assert resumed['lr_scheduler'] == reference['lr_scheduler']
+    assert resumed['optimizer']['state'][0]['step'] == reference['optimizer']['state'][0]['step']
+    for index, state in reference['optimizer']['state'].items():
+        torch.testing.assert_close(resumed['optimizer']['state'][index]['exp_avg'], state['exp_avg'])
+
+
+def test_accumulation_steps_take_one_optimizer_step_per_group(tmp_path, tiny_data):
+    cfg = write_micro_config(str(tmp_path))
+    output = str(tmp_path / 'out')
+    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', output,
+                     '--accumulation-steps', '2']) == 0
+    checkpoint = load_checkpoint(os.path.join(output, 'micro_focal', 'default', 'ckpt_epoch_0.pth'))
+    # 40 images, batch 8 -> 5 batches -> 2 optimizer steps of 2 batches each.
+    assert checkpoint['optimizer']['state'][0]['step'] == 2
+    # The learning rate is scaled by batch x accumulation / 512.
+    assert checkpoint['optimizer']['param_groups'][0]['initial_lr'] == pytest.approx(1e-3 * 16 / 512)
+
+
+def test_ema_is_evaluated_and_checkpointed(tmp_path, tiny_data):
+    """With decay 0 the EMA equals the trained weights: proves it follows every step."""
+    cfg = write_micro_config(str(tmp_path), 'MODEL:\n  NAME: ema_run\n')
+    output = str(tmp_path / 'out')
+    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', output, '--model-ema',
+                     '--opts', 'TRAIN.EMA.DECAY', '0.0']) == 0
+    run_dir = os.path.join(output, 'ema_run', 'default')
+    [metrics] = read_metrics(run_dir)
+    assert metrics['ema_acc1'] == pytest.approx(metrics['acc1'])
+    checkpoint = load_checkpoint(os.path.join(run_dir, 'ckpt_epoch_0.pth'))
+    for name, value in checkpoint['model'].items():
+        torch.testing.assert_close(checkpoint['ema'][name], value, msg=name)
+
+
+def test_mixup_cutmix_and_randaugment_recipe_runs(tmp_path, tiny_data):
+    cfg = write_micro_config(str(tmp_path), """
+AUG:
+  AUTO_AUGMENT: rand-m9-mstd0.5-inc1
+  REPROB: 0.25
+  MIXUP: 0.8
+  CUTMIX: 1.0
+""")
+    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', str(tmp_path / 'out'),
+                     '--use-checkpoint']) == 0
+
+
+def test_eval_of_own_checkpoint_reproduces_training_accuracy(tmp_path, tiny_data, capsys):
+    cfg = write_micro_config(str(tmp_path))
+    output = str(tmp_path / 'out')
+    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', output]) == 0
+    run_dir = os.path.join(output, 'micro_focal', 'default')
+    [trained] = read_metrics(run_dir)
+    capsys.readouterr()
+    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', output, '--tag', 'eval',
+                     '--eval', '--resume', os.path.join(run_dir, 'ckpt_epoch_0.pth')]) == 0
+    assert f" * Acc@1 {trained['acc1']:.3f} Acc@5 {trained['acc5']:.3f}" in capsys.readouterr().out
+
+
+def test_pretrained_fine_tunes_at_another_resolution_and_class_count(tmp_path, tiny_data):
+    cfg = write_micro_config(str(tmp_path))
+    output = str(tmp_path / 'out')
+    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', output]) == 0
+    source = os.path.join(output, 'micro_focal', 'default', 'ckpt_epoch_0.pth')
+    five_classes = str(tmp_path / 'five')
+    for split in ('train', 'val'):
+        for name in sorted(os.listdir(os.path.join(tiny_data, split)))[:5]:
+            os.makedirs(os.path.join(five_classes, split), exist_ok=True)
+            os.symlink(os.path.join(tiny_data, split, name), os.path.join(five_classes, split, name))
+    assert run_main(['--cfg', cfg, '--data-path', five_classes, '--output', output, '--tag', 'ft',
+                     '--pretrained', source, '--opts', 'DATA.IMG_SIZE', '64',
+                     'MODEL.FOCAL.WINDOW_SIZE', '8']) == 0
+    tuned = load_checkpoint(os.path.join(output, 'micro_focal', 'ft', 'ckpt_epoch_0.pth'))
+    assert tuned['model']['head.weight'].shape == (5, 128)
+
+
+def test_throughput_prints_and_records_images_per_second(tmp_path, tiny_data, capsys):
+    cfg = write_micro_config(str(tmp_path))
+    output = str(tmp_path / 'out')
+    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', output, '--throughput']) == 0
+    assert 'throughput ' in capsys.readouterr().out
+    [record] = read_metrics(os.path.join(output, 'micro_focal', 'default'))
+    assert record['throughput'] > 0
+
+
+def test_zip_dataset_with_partial_cache_trains_and_counts_every_val_image(tmp_path, tiny_data):
+    import zipfile
+    zipped = tmp_path / 'zipped'
+    zipped.mkdir()
+    for split in ('train', 'val'):
+        classes = sorted(os.listdir(os.path.join(tiny_data, split)))
+        with zipfile.ZipFile(zipped / f'{split}.zip', 'w') as archive, \
+                open(zipped / f'{split}_map.txt', 'w') as map_file:
+            for index, name in enumerate(classes):
+                for image in sorted(os.listdir(os.path.join(tiny_data, split, name))):
+                    archive.write(os.path.join(tiny_data, split, name, image), f'{name}/{image}')
+                    map_file.write(f'{name}/{image}\t{index}\n')
+    output = str(tmp_path / 'out')
+    cfg = write_micro_config(str(tmp_path))
+    assert run_main(['--cfg', cfg, '--data-path', str(zipped), '--zip', '--cache-mode', 'part',
+                     '--output', output]) == 0
+    [metrics] = read_metrics(os.path.join(output, 'micro_focal', 'default'))
+    assert metrics['num_images'] == 30

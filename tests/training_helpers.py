@@ -1,0 +1,79 @@
+"""Shared pieces of the training-code tests: a micro Focal config, tiny generated datasets and
+an in-process `main.py` runner."""
+import os
+import subprocess
+import sys
+from typing import List
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MICRO_FOCAL_YAML = """
+DATA:
+  IMG_SIZE: 32
+  BATCH_SIZE: 8
+  NUM_WORKERS: 0
+  PIN_MEMORY: False
+MODEL:
+  TYPE: focal
+  NAME: micro_focal
+  NUM_CLASSES: 10
+  DROP_PATH_RATE: 0.0
+  FOCAL:
+    EMBED_DIM: 16
+    DEPTHS: [1, 1, 1, 1]
+    NUM_HEADS: [1, 1, 2, 2]
+    WINDOW_SIZE: 4
+    FOCAL_POOL: "fc"
+    FOCAL_LEVELS: [2, 2, 2, 2]
+    FOCAL_WINDOWS: [3, 1, 1, 1]
+    EXPAND_SIZES: [1, 1, 1, 1]
+TRAIN:
+  EPOCHS: 1
+  WARMUP_EPOCHS: 0
+  BASE_LR: 1.0e-3
+AUG:
+  AUTO_AUGMENT: none
+  REPROB: 0.0
+  MIXUP: 0.0
+  CUTMIX: 0.0
+PRINT_FREQ: 2
+"""
+
+
+def write_micro_config(folder: str, extra_yaml: str = '') -> str:
+    """`micro.yaml` in `folder`: `extra_yaml` on top of the micro config (through `BASE:`, so
+    that a section in `extra_yaml` adds to the micro one instead of replacing it)."""
+    with open(os.path.join(folder, 'micro_base.yaml'), 'w') as f:
+        f.write(MICRO_FOCAL_YAML)
+    path = os.path.join(folder, 'micro.yaml')
+    with open(path, 'w') as f:
+        f.write("BASE: ['micro_base.yaml']\n" + extra_yaml)
+    return path
+
+
+def write_tiny_dataset(root: str, train_per_class: int = 4, val_per_class: int = 3) -> str:
+    """10 classes of 32 px demo images in the ImageNet folder layout."""
+    from data.demo import write_demo_dataset
+    write_demo_dataset(root, 32, train_per_class, val_per_class, seed=1)
+    return root
+
+
+def run_main(args: List[str]) -> int:
+    """`main.py` in this process (no interpreter start-up), forced onto the CPU."""
+    import main
+    return main.main(args + ['--device', 'cpu'])
+
+
+def run_main_subprocess(launcher: List[str], args: List[str], timeout: int = 240):
+    """`main.py` under a launcher (`torchrun ...`) in a fresh process group on the CPU."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO_ROOT)
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+    return subprocess.run([sys.executable, '-m'] + launcher + ['main.py'] + args + ['--device', 'cpu'],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Checkpoints must load with `weights_only=True`."""
+    return torch.load(path, map_location='cpu', weights_only=True)
