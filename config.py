@@ -122,6 +122,9 @@ _C.TRAIN.MAX_NONFINITE_STEPS = 5
 _C.TRAIN.LR_SCHEDULER = CN()
 # 'cosine', 'linear' or 'step'; stepped once per optimizer step.
 _C.TRAIN.LR_SCHEDULER.NAME = 'cosine'
+# False (the official code): the decay curve spans all steps and warm-up overrides its start,
+# so the peak is a little below BASE_LR. True: the decay starts after warm-up, at BASE_LR.
+_C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = False
 # 'step' only: epochs between decays and the decay factor.
 _C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
 _C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1

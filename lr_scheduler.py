@@ -8,13 +8,17 @@ from yacs.config import CfgNode as CN
 
 def build_scheduler(config: CN, optimizer: Optimizer, steps_per_epoch: int) -> Scheduler:
     """Linear warm-up from `TRAIN.WARMUP_LR` over `TRAIN.WARMUP_EPOCHS`, then cosine decay to
-    `TRAIN.MIN_LR` at the last step ('cosine'), linear decay ('linear') or step decay by
+    `TRAIN.MIN_LR` at the last step ('cosine'; see `LR_SCHEDULER.WARMUP_PREFIX`), linear decay ('linear') or step decay by
     `DECAY_RATE` every `DECAY_EPOCHS` ('step'). Call `step_update(global_step)` after each
     optimizer step."""
     train = config.TRAIN
     total_steps = int(train.EPOCHS * steps_per_epoch)
     warmup_steps = int(train.WARMUP_EPOCHS * steps_per_epoch)
-    common = dict(warmup_lr_init=train.WARMUP_LR, warmup_t=warmup_steps, t_in_epochs=False)
+    warmup_prefix = train.LR_SCHEDULER.WARMUP_PREFIX
+    if warmup_prefix:
+        total_steps -= warmup_steps
+    common = dict(warmup_lr_init=train.WARMUP_LR, warmup_t=warmup_steps,
+                  warmup_prefix=warmup_prefix, t_in_epochs=False)
     name = train.LR_SCHEDULER.NAME
     if name == 'cosine':
         return CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=train.MIN_LR,
