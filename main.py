@@ -135,15 +135,16 @@ def run(args: argparse.Namespace) -> None:
         logger.info(f"no --data-path given: using the built-in demo dataset (10 classes of "
                     f"procedural shapes) {'written to' if written else 'cached in'} {demo_path}")
         barrier()
-    loaders = build_loader(config, ctx.rank, ctx.world_size)
+    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+    loaders = build_loader(config, ctx.rank, ctx.world_size, with_train=training)
     if loaders.num_classes != config.MODEL.NUM_CLASSES:
-        logger.info(f"MODEL.NUM_CLASSES set to {loaders.num_classes}, the number of training "
-                    f"classes (config said {config.MODEL.NUM_CLASSES})")
+        logger.info(f"MODEL.NUM_CLASSES set to {loaders.num_classes}, the number of classes in "
+                    f"the data (config said {config.MODEL.NUM_CLASSES})")
         config.defrost()
         config.MODEL.NUM_CLASSES = loaders.num_classes
         config.freeze()
-    logger.info(f"{len(loaders.dataset_train)} training and {len(loaders.dataset_val)} "
-                f"validation images in {loaders.num_classes} classes")
+    logger.info(f"{len(loaders.dataset_train) if training else 'no'} training and "
+                f"{len(loaders.dataset_val)} validation images in {loaders.num_classes} classes")
     if ctx.is_main:
         dump_config(config, os.path.join(out_dir, 'config.yaml'))
     logger.info(config.dump())

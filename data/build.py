@@ -22,15 +22,16 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @dataclass
 class Loaders:
-    dataset_train: ImageDataset
+    """The training side is None when only evaluating."""
+    dataset_train: Optional[ImageDataset]
     dataset_val: ImageDataset
-    loader_train: torch.utils.data.DataLoader
+    loader_train: Optional[torch.utils.data.DataLoader]
     loader_val: torch.utils.data.DataLoader
     mixup_fn: Optional[Mixup]
 
     @property
     def num_classes(self) -> int:
-        return len(self.dataset_train.classes)
+        return len((self.dataset_train or self.dataset_val).classes)
 
 
 def demo_data_path(config: CN) -> str:
@@ -106,22 +107,33 @@ def data_path_of(config: CN) -> str:
     return config.DATA.DATA_PATH or demo_data_path(config)
 
 
-def build_loader(config: CN, rank: int = 0, world_size: int = 1) -> Loaders:
+def build_loader(config: CN, rank: int = 0, world_size: int = 1, with_train: bool = True) -> Loaders:
     """Datasets and loaders for `DATA.DATA_PATH` (the ImageNet layout, or its zip form with
     `DATA.ZIP_MODE`), or for the demo dataset, which `prepare_demo_data` must have written.
 
     Training shuffles with a `DistributedSampler`, or with `--cache-mode part` over the images
     this process cached. Validation gives each image to exactly one process (`ShardSampler`).
     In zip mode `DATA.CACHE_MODE` holds all training images ('full') or this process's shard
-    ('part') in memory; the validation shard is always cached. Mixup targets have one entry
-    per training class folder (`Loaders.num_classes`).
+    ('part') in memory; the validation shard is cached unless the mode is 'no'. Mixup targets
+    have one entry per training class (`Loaders.num_classes`). Without `with_train` only the
+    validation side is built, so evaluation needs no training images.
     """
     data_path = data_path_of(config)
     if not os.path.isdir(data_path):
         raise DataError(f"data path not found: {data_path}")
-    dataset_train = build_dataset(True, config, data_path)
     dataset_val = build_dataset(False, config, data_path)
+    sampler_val = ShardSampler(len(dataset_val), rank, world_size)
+    if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE != 'no':
+        dataset_val.cache(sampler_val.indices)
+    common = dict(batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
+                  pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
+                  persistent_workers=config.DATA.NUM_WORKERS > 0)
+    loader_val = torch.utils.data.DataLoader(
+        dataset_val, sampler=sampler_val, drop_last=False, collate_fn=collate_eval, **common)
+    if not with_train:
+        return Loaders(None, dataset_val, None, loader_val, None)
 
+    dataset_train = build_dataset(True, config, data_path)
     cache_part = config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == 'part'
     if cache_part:
         own_train = shard_indices(len(dataset_train), rank, world_size, equal_length=True)
@@ -132,17 +144,8 @@ def build_loader(config: CN, rank: int = 0, world_size: int = 1) -> Loaders:
             dataset_train.cache(range(len(dataset_train)))
         sampler_train = torch.utils.data.DistributedSampler(
             dataset_train, num_replicas=world_size, rank=rank, shuffle=True, seed=config.SEED)
-    sampler_val = ShardSampler(len(dataset_val), rank, world_size)
-    if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE != 'no':
-        dataset_val.cache(sampler_val.indices)
-
-    common = dict(batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
-                  pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
-                  persistent_workers=config.DATA.NUM_WORKERS > 0)
     loader_train = torch.utils.data.DataLoader(
         dataset_train, sampler=sampler_train, drop_last=True, collate_fn=collate_train, **common)
-    loader_val = torch.utils.data.DataLoader(
-        dataset_val, sampler=sampler_val, drop_last=False, collate_fn=collate_eval, **common)
 
     mixup_fn = None
     if mixup_active(config):

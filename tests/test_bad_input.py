@@ -37,7 +37,7 @@ def test_empty_data_path(tmp_path, capsys):
     cfg = write_micro_config(str(tmp_path))
     assert run_main(['--cfg', cfg, '--data-path', str(tmp_path / 'empty'),
                      '--output', str(tmp_path / 'out')]) == 1
-    assert f"no images found in {tmp_path / 'empty' / 'train'}" in error_line(capsys)
+    assert f"no images found in {tmp_path / 'empty'}" in error_line(capsys)
 
 
 def test_unknown_config_key(tmp_path, capsys):
