@@ -1,5 +1,6 @@
 """The reproduction kit: configs build the paper's models at the paper's sizes, scripts print the
 runs they would launch, and make_tables.py renders tables and plots from real run folders."""
+import contextlib
 import functools
 import glob
 import json
@@ -7,9 +8,11 @@ import os
 import re
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import timm
+import timm.layers.weight_init
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock
 
@@ -77,9 +80,24 @@ def load(path: str):
     return config
 
 
+@contextlib.contextmanager
+def uninitialised_weights():
+    """Build modules without drawing their initial weights (sizes are unaffected): random
+    initialisation is most of the time it takes to build a 90M-parameter model on a CPU."""
+    def keep(tensor, *args, **kwargs):
+        return tensor
+    with contextlib.ExitStack() as stack:
+        for name in ('uniform_', 'normal_', 'trunc_normal_', 'kaiming_uniform_', 'kaiming_normal_',
+                     'xavier_uniform_', 'xavier_normal_'):
+            stack.enter_context(mock.patch.object(torch.nn.init, name, keep))
+        stack.enter_context(mock.patch.object(timm.layers.weight_init, '_trunc_normal_', keep))
+        yield
+
+
 @functools.lru_cache(maxsize=None)
 def params_m(path: str) -> float:
-    return count_params_m(build_model(load(path)))
+    with uninitialised_weights():
+        return count_params_m(build_model(load(path)))
 
 
 def flatten(node, prefix=''):
