@@ -478,7 +478,7 @@ class FocalTransformer(nn.Module):
         self.ape = ape
         self.patch_embed = PatchEmbed(
             patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, use_conv_embed=use_conv_embed,
-            norm_layer=norm_layer if patch_norm else None, use_pre_norm=use_pre_norm, is_stem=True)
+            norm_layer=norm_layer if patch_norm else None, is_stem=True)  # pre-norm only between stages, as official
         img_size = to_2tuple(img_size)
         self.patches_resolution = (img_size[0] // patch_size, img_size[1] // patch_size)
         if ape:

@@ -62,6 +62,12 @@ def test_parameter_names_and_shapes_equal_official_learnables():
     assert ours == official
 
 
+def test_pre_norm_sits_only_in_the_downsampling_embeddings_as_official():
+    names = FocalTransformer(**MICRO, use_pre_norm=True).state_dict()
+    pre_norms = sorted({k.rsplit('.', 1)[0] for k in names if '.pre_norm.' in k})
+    assert pre_norms == ['layers.0.downsample.pre_norm', 'layers.1.downsample.pre_norm', 'layers.2.downsample.pre_norm']
+
+
 def test_filter_accepts_wrapped_prefixed_checkpoints():
     golden = load_golden('default224')
     wrapped = {'model': {f'module.{k}': v for k, v in golden['state_dict'].items()}, 'epoch': 3}
