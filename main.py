@@ -176,6 +176,8 @@ def run(args: argparse.Namespace) -> None:
         if ctx.is_main:
             append_jsonl(os.path.join(out_dir, 'metrics.jsonl'),
                          {'throughput': images_per_second, 'batch_size': config.DATA.BATCH_SIZE})
+            with SummaryWriter(out_dir) as tb_writer:
+                tb_writer.add_scalar('throughput', images_per_second, config.DATA.BATCH_SIZE)
         return
 
     if config.EVAL_MODE:

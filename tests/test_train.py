@@ -140,32 +140,54 @@ AUG:
                      '--use-checkpoint']) == 0
 
 
-def test_eval_of_own_checkpoint_reproduces_training_accuracy(tmp_path, tiny_data, capsys):
-    cfg = write_micro_config(str(tmp_path))
-    output = str(tmp_path / 'out')
-    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', output]) == 0
-    run_dir = os.path.join(output, 'micro_focal', 'default')
-    [trained] = read_metrics(run_dir)
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory, tiny_data) -> dict:
+    """One finished micro run: its config, checkpoint and metrics."""
+    root = tmp_path_factory.mktemp('trained')
+    cfg = write_micro_config(str(root))
+    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', str(root / 'out')]) == 0
+    run_dir = root / 'out' / 'micro_focal' / 'default'
+    [metrics] = read_metrics(str(run_dir))
+    return dict(cfg=cfg, checkpoint=str(run_dir / 'ckpt_epoch_0.pth'), metrics=metrics)
+
+
+def official_style_copy(checkpoint: str, folder) -> str:
+    """The checkpoint as the official code saved its releases: from DDP ('module.' prefixes)
+    and with index buffers that our model recomputes."""
+    weights = load_checkpoint(checkpoint)['model']
+    official = {f'module.{name}': value for name, value in weights.items()}
+    official['module.layers.0.blocks.0.attn.relative_position_index'] = torch.zeros(16, 16).long()
+    path = str(folder / 'released.pth')
+    torch.save({'model': official}, path)
+    return path
+
+
+@pytest.mark.parametrize('source', ['ours', 'official_style'])
+def test_eval_of_checkpoint_reproduces_training_accuracy(tmp_path, tiny_data, trained_run,
+                                                         source, capsys):
+    """Our checkpoints and released ones (only loadable through the model's checkpoint
+    filter) evaluate to the accuracy measured at the end of training."""
+    checkpoint = trained_run['checkpoint'] if source == 'ours' else \
+        official_style_copy(trained_run['checkpoint'], tmp_path)
     capsys.readouterr()
-    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', output, '--tag', 'eval',
-                     '--eval', '--resume', os.path.join(run_dir, 'ckpt_epoch_0.pth')]) == 0
+    assert run_main(['--cfg', trained_run['cfg'], '--data-path', tiny_data, '--eval',
+                     '--resume', checkpoint, '--output', str(tmp_path / 'out')]) == 0
+    trained = trained_run['metrics']
     assert f" * Acc@1 {trained['acc1']:.3f} Acc@5 {trained['acc5']:.3f}" in capsys.readouterr().out
 
 
-def test_pretrained_fine_tunes_at_another_resolution_and_class_count(tmp_path, tiny_data):
-    cfg = write_micro_config(str(tmp_path))
-    output = str(tmp_path / 'out')
-    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', output]) == 0
-    source = os.path.join(output, 'micro_focal', 'default', 'ckpt_epoch_0.pth')
-    five_classes = str(tmp_path / 'five')
+def test_pretrained_fine_tunes_at_another_resolution_and_class_count(tmp_path, tiny_data,
+                                                                     trained_run):
+    five_classes = tmp_path / 'five'
     for split in ('train', 'val'):
+        (five_classes / split).mkdir(parents=True)
         for name in sorted(os.listdir(os.path.join(tiny_data, split)))[:5]:
-            os.makedirs(os.path.join(five_classes, split), exist_ok=True)
-            os.symlink(os.path.join(tiny_data, split, name), os.path.join(five_classes, split, name))
-    assert run_main(['--cfg', cfg, '--data-path', five_classes, '--output', output, '--tag', 'ft',
-                     '--pretrained', source, '--opts', 'DATA.IMG_SIZE', '64',
-                     'MODEL.FOCAL.WINDOW_SIZE', '8']) == 0
-    tuned = load_checkpoint(os.path.join(output, 'micro_focal', 'ft', 'ckpt_epoch_0.pth'))
+            os.symlink(os.path.join(tiny_data, split, name), five_classes / split / name)
+    output = str(tmp_path / 'out')
+    assert run_main(['--cfg', trained_run['cfg'], '--data-path', str(five_classes),
+                     '--output', output, '--pretrained', trained_run['checkpoint'],
+                     '--opts', 'DATA.IMG_SIZE', '64', 'MODEL.FOCAL.WINDOW_SIZE', '8']) == 0
+    tuned = load_checkpoint(os.path.join(output, 'micro_focal', 'default', 'ckpt_epoch_0.pth'))
     assert tuned['model']['head.weight'].shape == (5, 128)
 
 
