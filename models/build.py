@@ -47,7 +47,7 @@ def build_model(config):
         return FocalTransformer(**focal_kwargs_from_config(config))
     if model_type == 'timm':
         kwargs = dict(config.MODEL.TIMM.KWARGS)
-        return timm.create_model(
+        model = timm.create_model(
             config.MODEL.TIMM.NAME,
             pretrained=False,
             num_classes=config.MODEL.NUM_CLASSES,
@@ -55,4 +55,7 @@ def build_model(config):
             drop_path_rate=config.MODEL.DROP_PATH_RATE,
             **kwargs,
         )
+        if config.TRAIN.USE_CHECKPOINT:
+            model.set_grad_checkpointing(True)
+        return model
     raise ValueError(f"MODEL.TYPE must be 'focal' or 'timm', got {model_type!r}")
