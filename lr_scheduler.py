@@ -8,9 +8,9 @@ from yacs.config import CfgNode as CN
 
 def build_scheduler(config: CN, optimizer: Optimizer, steps_per_epoch: int) -> Scheduler:
     """Linear warm-up from `TRAIN.WARMUP_LR` over `TRAIN.WARMUP_EPOCHS`, then cosine decay to
-    `TRAIN.MIN_LR` at the last step ('cosine'; see `LR_SCHEDULER.WARMUP_PREFIX`), linear decay ('linear') or step decay by
-    `DECAY_RATE` every `DECAY_EPOCHS` ('step'). Call `step_update(global_step)` after each
-    optimizer step."""
+    `TRAIN.MIN_LR` at the last step ('cosine'; see `LR_SCHEDULER.WARMUP_PREFIX`), linear decay
+    ('linear') or step decay by `DECAY_RATE` every `DECAY_EPOCHS` ('step'). Call
+    `step_update(global_step)` after each optimizer step."""
     train = config.TRAIN
     total_steps = int(train.EPOCHS * steps_per_epoch)
     warmup_steps = int(train.WARMUP_EPOCHS * steps_per_epoch)

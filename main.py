@@ -29,7 +29,7 @@ from checkpoint import (BEST_CHECKPOINT, epoch_checkpoint_name, latest_checkpoin
 from config import (ConfigError, accumulation_steps, config_to_dict, dump_config, get_config,
                     run_folder)
 from data import build_loader, prepare_demo_data
-from distributed import DistContext, barrier, cleanup, init_distributed
+from distributed import barrier, cleanup, init_distributed
 from engine import (EvalResult, NonFiniteGuard, StepSettings, evaluate, measure_throughput,
                     train_one_epoch)
 from logger import create_logger
@@ -182,12 +182,13 @@ def run(args: argparse.Namespace) -> None:
 
     if config.EVAL_MODE:
         checkpoint = load_for_evaluation(config.MODEL.RESUME, model)
+        trained_epochs = checkpoint.get('epoch')
         logger.info(f"evaluating {config.MODEL.RESUME}")
         result = evaluate(runner, loaders.loader_val, ctx.device, amp_dtype)
         log_accuracy(logger, result)
         if ctx.is_main:
             append_jsonl(os.path.join(out_dir, 'metrics.jsonl'), {
-                'epoch': checkpoint.get('epoch'), 'acc1': result.acc1, 'acc5': result.acc5,
+                'epoch': trained_epochs if isinstance(trained_epochs, int) else None, 'acc1': result.acc1, 'acc5': result.acc5,
                 'loss': result.loss, 'max_acc1': result.acc1, 'ema_acc1': None,
                 'num_images': result.num_images, 'checkpoint': config.MODEL.RESUME})
         return

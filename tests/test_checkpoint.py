@@ -1,6 +1,4 @@
 """Checkpoint files: atomic writes, choosing what to resume from, full-state round trips."""
-import os
-
 import pytest
 import torch
 from timm.utils import ModelEmaV3
