@@ -344,6 +344,9 @@ def config_to_dict(config: CN) -> dict:
 
 
 def dump_config(config: CN, path: str) -> None:
-    """Write the merged config as YAML (loadable again with --cfg)."""
+    """Write the merged config as YAML, loadable again with --cfg (its `BASE:` files are
+    already merged in, so the list is emptied)."""
+    plain = config_to_dict(config)
+    plain['BASE'] = ['']
     with open(path, 'w') as f:
-        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+        yaml.safe_dump(plain, f, sort_keys=False)

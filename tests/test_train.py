@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import main
+from config import get_config
 from training_helpers import (load_checkpoint, run_main, write_micro_config,
                               write_tiny_dataset)
 
@@ -39,7 +40,8 @@ def test_one_epoch_trains_evaluates_and_writes_run_folder(tmp_path, tiny_data, c
                                'max_accuracy', 'config'}
     assert checkpoint['config']['MODEL']['FOCAL']['EMBED_DIM'] == 16
     assert os.path.exists(os.path.join(run_dir, 'best.pth'))
-    assert os.path.exists(os.path.join(run_dir, 'config.yaml'))
+    saved = get_config(main.parse_args(['--cfg', os.path.join(run_dir, 'config.yaml')]))
+    assert saved.MODEL.FOCAL.EMBED_DIM == 16 and saved.DATA.DATA_PATH == tiny_data
     assert glob.glob(os.path.join(run_dir, 'events.out.tfevents.*'))
     assert not glob.glob(os.path.join(run_dir, '*.tmp.*')), "temporary checkpoint left behind"
 
