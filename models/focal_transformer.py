@@ -173,8 +173,6 @@ class FocalWindowAttention(nn.Module):
         self.window_size = window_size
         self.expand_size = expand_size
         self.focal_window = focal_window
-        self.focal_level = focal_level
-        self.pool_method = pool_method
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.attn_drop = attn_drop
         area = window_size * window_size
@@ -274,7 +272,6 @@ class FocalTransformerBlock(nn.Module):
         self.window_size = window_size
         self.shift_size = shift_size
         self.pool_method = pool_method
-        self.focal_level = focal_level
 
         self.pool_layers = nn.ModuleList()
         if pool_method in ('fc', 'conv'):
