@@ -8,6 +8,7 @@ CPU: fp32. CUDA: bf16 autocast, eager and (with --compile) torch.compile'd.
     python scripts/benchmark.py --sizes tiny --mode inference --iters 20
 """
 import argparse
+import multiprocessing
 import os
 import platform
 import sys
@@ -37,15 +38,6 @@ class Measurement:
     peak_mib: Optional[float]
 
 
-def _cpu_peak_rss_reset() -> None:
-    """Linux: reset the process's peak resident set size (VmHWM) so the next read covers one run."""
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-    except OSError:
-        pass
-
-
 def _cpu_peak_rss_mib() -> Optional[float]:
     try:
         with open('/proc/self/status') as f:
@@ -59,14 +51,12 @@ def _cpu_peak_rss_mib() -> Optional[float]:
 
 def measure(step: Callable[[], None], device: torch.device, batch_size: int, warmup: int, iters: int) -> Measurement:
     """Images per second over `iters` calls of `step` after `warmup` calls, and the peak memory
-    (CUDA: allocated by tensors; CPU: process resident set) while they ran."""
+    (CUDA: allocated by tensors; CPU: the process's resident set, weights and imports included)
+    during warm-up and timed calls."""
     for _ in range(warmup):
         step()
     if device.type == 'cuda':
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        _cpu_peak_rss_reset()
     start = time.perf_counter()
     for _ in range(iters):
         step()
@@ -79,6 +69,8 @@ def measure(step: Callable[[], None], device: torch.device, batch_size: int, war
 
 def benchmark_model(name: str, mode: str, args: argparse.Namespace, device: torch.device,
                     dtype: Optional[torch.dtype], compiled: bool) -> Measurement:
+    """Runs in a fresh process (see `measure_isolated`), so the peak memory is this model's."""
+    torch.set_num_threads(args.threads)
     model = timm.create_model(name, num_classes=1000).to(device)
     runner = torch.compile(model) if compiled else model
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
@@ -102,18 +94,22 @@ def benchmark_model(name: str, mode: str, args: argparse.Namespace, device: torc
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    try:
-        return measure(step, device, args.batch_size, args.warmup, args.iters)
-    finally:
-        del model, runner
-        if device.type == 'cuda':
-            torch.cuda.empty_cache()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    return measure(step, device, args.batch_size, args.warmup, args.iters)
+
+
+def measure_isolated(*args) -> Measurement:
+    """`benchmark_model` in a spawned process: no memory or compiled state carries over from
+    the previous model."""
+    with multiprocessing.get_context('spawn').Pool(1) as pool:
+        return pool.apply(benchmark_model, args)
 
 
 def machine_description(device: torch.device) -> str:
     if device.type == 'cuda':
         return f'{torch.cuda.get_device_name(device)}, torch {torch.__version__}'
-    return f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}'
+    return f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}'
 
 
 def main() -> None:
@@ -126,6 +122,7 @@ def main() -> None:
     parser.add_argument('--compile', action='store_true', help='also measure torch.compile (CUDA)')
     parser.add_argument('--warmup', type=int, default=None, help='default 10 on CUDA, 2 on CPU')
     parser.add_argument('--iters', type=int, default=None, help='default 30 on CUDA, 5 on CPU')
+    parser.add_argument('--threads', type=int, default=torch.get_num_threads(), help='CPU threads')
     args = parser.parse_args()
     device = torch.device(args.device)
     on_cuda = device.type == 'cuda'
@@ -139,7 +136,7 @@ def main() -> None:
     variants: List[bool] = [False, True] if args.compile else [False]
 
     print(f'machine: {machine_description(device)}; batch {args.batch_size}, {args.img_size}px, '
-          f'{"bf16 autocast" if dtype else "fp32"}')
+          f'{"bf16 autocast" if dtype else f"fp32, {args.threads} threads"}; each measurement in a fresh process')
     print()
     print('| model | mode | compiled | focal img/s | swin img/s | focal/swin | focal peak MiB | swin peak MiB | peak ratio |')
     print('| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |')
@@ -147,8 +144,8 @@ def main() -> None:
         focal, swin = PAIRS[size]
         for mode in args.mode:
             for compiled in variants:
-                f = benchmark_model(focal, mode, args, device, dtype, compiled)
-                s = benchmark_model(swin, mode, args, device, dtype, compiled)
+                f = measure_isolated(focal, mode, args, device, dtype, compiled)
+                s = measure_isolated(swin, mode, args, device, dtype, compiled)
                 peak = (f'{f.peak_mib:.0f} | {s.peak_mib:.0f} | {f.peak_mib / s.peak_mib:.2f}'
                         if f.peak_mib and s.peak_mib else '- | - | -')
                 print(f'| {size} | {mode} | {"yes" if compiled else "no"} | {f.images_per_s:.1f} | '
