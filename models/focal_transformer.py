@@ -723,7 +723,7 @@ def _create_focal(variant: str, pretrained: bool = False, **kwargs) -> FocalTran
         **kwargs)
 
 
-RELEASE_URL = 'https://projects4jw.blob.core.windows.net/focaltransformer/models/imagenet1k/'
+RELEASE_URL = 'https://projects4jw.blob.core.windows.net/model/focal-transformer/imagenet1k/'  # official README
 
 
 def _cfg(file_name: str) -> dict:

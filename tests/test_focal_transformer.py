@@ -253,7 +253,9 @@ def test_timm_create_model_loads_a_released_checkpoint_through_the_filter(tmp_pa
                                   'focal_small_useconv_patch4_window7_224', 'focal_base_useconv_patch4_window7_224'])
 def test_variants_are_registered_with_timm(name):
     assert name in timm.list_models('focal_*')
-    assert timm.get_pretrained_cfg(name).url.endswith('.pth')
+    file_name = name.replace('_patch4_window7_224', '-is224-ws7.pth').replace('_', '-')
+    assert timm.get_pretrained_cfg(name).url == (
+        'https://projects4jw.blob.core.windows.net/model/focal-transformer/imagenet1k/' + file_name)
 
 
 def test_bad_constructor_arguments_name_the_problem():
