@@ -7,6 +7,7 @@ weights_only=True)` reads it): 'model', 'optimizer', 'lr_scheduler', 'scaler', '
 """
 import logging
 import os
+import pickle
 import re
 from typing import Any, Dict, Optional, Tuple
 
@@ -48,6 +49,14 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as error:
+        if 'Weights only load failed' not in str(error):
+            raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+        raise CheckpointError(
+            f"checkpoint {path} holds Python objects besides weights (the official code saves its "
+            f"yacs config in training checkpoints), which are not loaded unpickled; if you trust "
+            f"the file, extract its weights: python scripts/convert_checkpoint.py {path} "
+            f"WEIGHTS.pth") from None
     except Exception as error:  # torch raises many types for truncated or foreign files
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {first_line}") from None

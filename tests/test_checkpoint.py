@@ -1,4 +1,8 @@
 """Checkpoint files: atomic writes, choosing what to resume from, full-state round trips."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from timm.utils import ModelEmaV3
@@ -77,3 +81,21 @@ def test_weights_only_checkpoint_cannot_resume_training(tmp_path):
     torch.save({'model': nn.Linear(4, 4).state_dict()}, path)
     with pytest.raises(ckpt.CheckpointError, match='holds weights only'):
         ckpt.restore_training(path, *training_parts(seed=1))
+
+
+def test_official_training_checkpoint_with_yacs_config_is_refused_then_converted(tmp_path):
+    """The official code saves its yacs CfgNode in training checkpoints: reading it stays
+    weights-only (a clear error naming the converter), and the converter extracts the weights."""
+    official = tmp_path / 'ckpt_epoch_299.pth'
+    weights = {'head.weight': torch.randn(3, 4), 'head.bias': torch.zeros(3)}
+    torch.save({'model': weights, 'config': get_config(), 'epoch': 299}, official)
+    with pytest.raises(ckpt.CheckpointError, match=r'holds Python objects .* scripts/convert_checkpoint\.py'):
+        ckpt.read_checkpoint(str(official))
+
+    converted = tmp_path / 'weights.pth'
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, 'scripts/convert_checkpoint.py', str(official), str(converted)],
+                            cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    loaded = ckpt.read_checkpoint(str(converted))['model']
+    assert loaded.keys() == weights.keys() and torch.equal(loaded['head.weight'], weights['head.weight'])

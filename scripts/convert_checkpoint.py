@@ -1,0 +1,45 @@
+"""Extract the weights of a checkpoint that holds Python objects besides tensors (the official
+code's training checkpoints store their yacs config, for instance), so that it loads with
+`torch.load(..., weights_only=True)`, as main.py and timm load checkpoints.
+
+Reading the input unpickles arbitrary Python objects: run this only on files you trust.
+
+    python scripts/convert_checkpoint.py ckpt_epoch_299.pth focal_tiny_weights.pth
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+
+def extract_weights(checkpoint: dict) -> dict:
+    """The state dict inside a checkpoint ('model', 'state_dict' or the dict itself), tensors only."""
+    for key in ('model', 'state_dict'):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    weights = {name: value for name, value in checkpoint.items() if isinstance(value, torch.Tensor)}
+    if not weights:
+        raise ValueError('no tensors found under model, state_dict or the top level')
+    return weights
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('source', help='trusted checkpoint to read (fully unpickled)')
+    parser.add_argument('target', help='weights-only checkpoint to write: {"model": state dict}')
+    args = parser.parse_args()
+    if os.path.abspath(args.source) == os.path.abspath(args.target):
+        sys.exit('error: the target must differ from the source, which is kept as it is')
+    try:
+        checkpoint = torch.load(args.source, map_location='cpu', weights_only=False)
+        weights = extract_weights(checkpoint if isinstance(checkpoint, dict) else {})
+    except (OSError, RuntimeError, ValueError) as error:
+        sys.exit(f'error: cannot convert {args.source}: {error}')
+    torch.save({'model': weights}, args.target)
+    print(f'wrote {len(weights)} tensors to {args.target}')
+
+
+if __name__ == '__main__':
+    main()
