@@ -233,7 +233,7 @@ class FocalWindowAttention(nn.Module):
         if pooled:
             kv_weight, kv_bias = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
             sources.append(F.linear(torch.cat(pooled, 1), kv_weight, kv_bias))
-        sources.append(x.new_zeros(B, 1, 2 * C))
+        sources.append(qkv.new_zeros(B, 1, 2 * C))  # qkv's dtype: under autocast x may be fp32
         kv = torch.cat(sources, 1).view(B, -1, 2, nh, hd).permute(0, 2, 3, 1, 4)
         kv = kv.index_select(3, layout.key_index).view(B, 2, nh * layout.num_windows, -1, hd)
 

@@ -235,6 +235,24 @@ def test_bfloat16_autocast_runs_close_to_float32():
     assert (features.float() - load_golden('default224')['features']).abs().max() < 0.1
 
 
+def test_attention_under_autocast_gathers_keys_in_the_autocast_dtype(monkeypatch):
+    """CUDA autocast keeps LayerNorm outputs in fp32 while linear layers give bf16: keys and values
+    must be gathered in bf16 (not promoted to fp32 by the zero key row, doubling the largest
+    tensor of the layer) and reach attention in one dtype with the bias."""
+    block = FocalTransformer(**MICRO, img_size=64).layers[0].blocks[0].eval()
+    x = torch.randn(2, 14, 14, 16)  # a padded map: two windows a side
+    pooled = [block.pool(x, level) for level in range(block.attn.num_pooled_levels)]
+    seen = []
+    attention = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, 'scaled_dot_product_attention',
+                        lambda q, k, v, attn_mask, **kw: seen.append((q.dtype, k.dtype, v.dtype, attn_mask.dtype))
+                        or attention(q, k, v, attn_mask=attn_mask, **kw))
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = block.attn(x, pooled, block.layout(14, 14, x.device))
+    assert seen == [(torch.bfloat16,) * 4]
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
 def test_timm_create_model_loads_a_released_checkpoint_through_the_filter(tmp_path):
     golden = load_golden('default224')
     path = tmp_path / 'focal-micro.pth'
