@@ -226,6 +226,17 @@ def test_torch_compile_matches_eager():
     assert torch.allclose(eager, compiled, atol=1e-5)
 
 
+def test_torch_compile_training_gives_eager_gradients():
+    torch.manual_seed(0)
+    model = FocalTransformer(**{**MICRO, 'img_size': 64, 'use_shift': True})  # MICRO: no drop path
+    images = torch.randn(2, 3, 64, 64)
+    model(images).sum().backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch.compile(model)(images).sum().backward()
+    assert all(torch.allclose(e, p.grad, atol=1e-5) for e, p in zip(eager, model.parameters()))
+
+
 def test_bfloat16_autocast_runs_close_to_float32():
     model = golden_model('default224')
     images = load_golden('default224')['input']
