@@ -235,12 +235,12 @@ class FocalWindowAttention(nn.Module):
             sources.append(F.linear(torch.cat(pooled, 1), kv_weight, kv_bias))
         sources.append(qkv.new_zeros(B, 1, 2 * C))  # qkv's dtype: under autocast x may be fp32
         kv = torch.cat(sources, 1).view(B, -1, 2, nh, hd).permute(0, 2, 3, 1, 4)
-        kv = kv.index_select(3, layout.key_index).view(B, 2, nh * layout.num_windows, -1, hd)
+        keys, values = kv.index_select(3, layout.key_index).view(B, 2, nh * layout.num_windows, -1, hd).unbind(1)
 
         bias = self.position_bias()[:, None] + layout.mask[None]
         bias = bias.view(1, nh * layout.num_windows, ws * ws, -1).to(q.dtype)
         out = F.scaled_dot_product_attention(
-            q, kv[:, 0], kv[:, 1], attn_mask=bias,
+            q, keys, values, attn_mask=bias,
             dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
         out = out.view(B, nh, H // ws, W // ws, ws, ws, hd).permute(0, 2, 4, 3, 5, 1, 6).reshape(B, H, W, C)
         return self.proj_drop(self.proj(out))
