@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from models import FocalTransformer, checkpoint_filter_fn
+from models import FocalTransformer, checkpoint_filter_fn, unwrap_state_dict
 from utils import UserError
 
 EPOCH_CHECKPOINT = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
@@ -124,10 +124,7 @@ def model_weights(checkpoint: Dict[str, Any], model: nn.Module, path: str) -> Di
         except ValueError as error:
             raise CheckpointError(f"checkpoint {path} does not fit this FocalTransformer "
                                   f"(another architecture?): {error}") from None
-    for key in ('model', 'state_dict'):
-        if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    return checkpoint
+    return unwrap_state_dict(checkpoint)
 
 
 def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str,

@@ -3,6 +3,7 @@ variant) with timm."""
 from . import swin_variants  # noqa: F401  (registers swin_tiny_patch4_window7_224_noshift)
 from .build import build_model
 from .focal_backbone import FocalBackbone, focal_backbone
-from .focal_transformer import FocalTransformer, checkpoint_filter_fn
+from .focal_transformer import FocalTransformer, checkpoint_filter_fn, unwrap_state_dict
 
-__all__ = ['FocalBackbone', 'FocalTransformer', 'build_model', 'checkpoint_filter_fn', 'focal_backbone']
+__all__ = ['FocalBackbone', 'FocalTransformer', 'build_model', 'checkpoint_filter_fn', 'focal_backbone',
+           'unwrap_state_dict']

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .focal_transformer import BASE, SMALL, TINY, FocalTransformer, checkpoint_filter_fn
+from .focal_transformer import BASE, SMALL, TINY, FocalTransformer, checkpoint_filter_fn, unwrap_state_dict
 
 _logger = logging.getLogger(__name__)
 
@@ -178,11 +178,7 @@ def _read_state_dict(checkpoint: Checkpoint) -> Dict[str, torch.Tensor]:
     `module.` prefixes removed, and, for a detector checkpoint, only the `backbone.` keys, unprefixed."""
     if not isinstance(checkpoint, dict):
         checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=True)
-    for key in ('model', 'state_dict'):
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in checkpoint.items()}
+    state_dict = unwrap_state_dict(checkpoint)
     backbone = {k[len('backbone.'):]: v for k, v in state_dict.items() if k.startswith('backbone.')}
     if backbone:
         others = len(state_dict) - len(backbone)

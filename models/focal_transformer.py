@@ -29,7 +29,7 @@ from timm.models._features import feature_take_indices
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ['FocalTransformer', 'checkpoint_filter_fn']
+__all__ = ['FocalTransformer', 'checkpoint_filter_fn', 'unwrap_state_dict']
 
 MASKED = -100.0  # the official code's additive mask value (not -inf: a fully masked row stays finite)
 KEY_ALIGNMENT = 8  # keys per window rounded up to this: bias rows of 16-byte multiples in bf16/fp16
@@ -647,6 +647,16 @@ def _adapt_tensor(name: str, value: torch.Tensor, target: torch.Tensor) -> Optio
     return None
 
 
+def unwrap_state_dict(checkpoint: dict) -> Dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint (under 'model' or 'state_dict', or the dict itself),
+    with DDP's `module.` prefixes removed."""
+    for key in ('model', 'state_dict'):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in checkpoint.items()}
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Turn a checkpoint as the official code (or ours) saves it into a state dict that
     `model.load_state_dict(sd, strict=True)` accepts.
@@ -658,11 +668,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     tables the checkpoint lacks or the model lacks (kept at init / dropped). Anything else that
     differs raises ValueError listing the keys.
     """
-    for key in ('model', 'state_dict'):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
-    source = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    source = unwrap_state_dict(state_dict)
     target = model.state_dict()
     result, unexpected, mismatched = {}, [], []
 

@@ -12,14 +12,15 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from models import unwrap_state_dict  # noqa: E402
+
 
 def extract_weights(checkpoint: dict) -> dict:
-    """The state dict inside a checkpoint ('model', 'state_dict' or the dict itself), tensors only."""
-    for key in ('model', 'state_dict'):
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    weights = {name: value for name, value in checkpoint.items() if isinstance(value, torch.Tensor)}
+    """The tensors of the state dict inside a checkpoint."""
+    weights = {name: value for name, value in unwrap_state_dict(checkpoint).items()
+               if isinstance(value, torch.Tensor)}
     if not weights:
         raise ValueError('no tensors found under model, state_dict or the top level')
     return weights
