@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the focal_* models with timm)
+from engine import memory_used_mb  # noqa: E402
 
 PAIRS = {
     'tiny': ('focal_tiny_patch4_window7_224', 'swin_tiny_patch4_window7_224'),
@@ -35,18 +36,7 @@ PAIRS = {
 @dataclass
 class Measurement:
     images_per_s: float
-    peak_mib: Optional[float]
-
-
-def _cpu_peak_rss_mib() -> Optional[float]:
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith('VmHWM:'):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    peak_mib: float
 
 
 def measure(step: Callable[[], None], device: torch.device, batch_size: int, warmup: int, iters: int) -> Measurement:
@@ -63,8 +53,7 @@ def measure(step: Callable[[], None], device: torch.device, batch_size: int, war
     if device.type == 'cuda':
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == 'cuda' else _cpu_peak_rss_mib()
-    return Measurement(batch_size * iters / elapsed, peak)
+    return Measurement(batch_size * iters / elapsed, memory_used_mb(device))
 
 
 def benchmark_model(name: str, mode: str, args: argparse.Namespace, device: torch.device,
@@ -146,8 +135,7 @@ def main() -> None:
             for compiled in variants:
                 f = measure_isolated(focal, mode, args, device, dtype, compiled)
                 s = measure_isolated(swin, mode, args, device, dtype, compiled)
-                peak = (f'{f.peak_mib:.0f} | {s.peak_mib:.0f} | {f.peak_mib / s.peak_mib:.2f}'
-                        if f.peak_mib and s.peak_mib else '- | - | -')
+                peak = f'{f.peak_mib:.0f} | {s.peak_mib:.0f} | {f.peak_mib / s.peak_mib:.2f}'
                 print(f'| {size} | {mode} | {"yes" if compiled else "no"} | {f.images_per_s:.1f} | '
                       f'{s.images_per_s:.1f} | {f.images_per_s / s.images_per_s:.2f} | {peak} |', flush=True)
 
