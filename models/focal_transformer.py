@@ -140,12 +140,13 @@ class WindowLayout:
             masks[0][:, :, :area] = shift_region_mask(height, width, ws, shift_size)
 
         base = height * width
-        num_tokens = base + sum(nwh * nww * 4 ** k for k in range(attn.num_pooled_levels))
-        for level in range(attn.num_pooled_levels):
+        pooled_tokens = [num_windows * 4 ** level for level in range(attn.num_pooled_levels)]
+        num_tokens = base + sum(pooled_tokens)
+        for level, level_tokens in enumerate(pooled_tokens):
             position, valid = pooled_neighbourhood((nwh, nww), attn.focal_window, level)
             key_index.append(torch.where(valid, base + position, num_tokens))
             masks.append((~valid).float()[:, None, :].expand(-1, area, -1) * MASKED)
-            base += nwh * nww * 4 ** level
+            base += level_tokens
         alignment_keys = attn.num_keys - attn.num_attended_keys
         key_index.append(torch.full((num_windows, alignment_keys), num_tokens))
         masks.append(torch.full((num_windows, area, alignment_keys), float('-inf')))
