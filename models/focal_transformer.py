@@ -14,6 +14,7 @@ gathered with a single `index_select`, all positional terms and masks form one a
 attention runs through `scaled_dot_product_attention`. Parameter names and shapes equal the
 official ones, so released checkpoints load through `checkpoint_filter_fn`.
 """
+import contextlib
 import logging
 import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -26,6 +27,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
+
+from .regather import regathered_in_backward
 
 _logger = logging.getLogger(__name__)
 
@@ -221,9 +224,15 @@ class FocalWindowAttention(nn.Module):
             tables.extend(self.relative_position_bias_table_to_windows)
         return torch.cat(tables, 1)[:, self.position_bias_index]
 
-    def forward(self, x: torch.Tensor, pooled: List[torch.Tensor], layout: WindowLayout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pooled: List[torch.Tensor], layout: WindowLayout,
+                regather_keys: bool = True) -> torch.Tensor:
         """x: (B, Hp, Wp, C) padded (and shifted) map; pooled: per level (B, P_k, C) pooled tokens.
-        Returns (B, Hp, Wp, C)."""
+        Returns (B, Hp, Wp, C).
+
+        regather_keys: when training eagerly, save the ungathered keys and values for backward
+        and gather them again there (see `models.regather`); callers that recompute the whole
+        block pass False. torch.compile's partitioner makes that choice itself.
+        """
         B, H, W, C = x.shape
         ws, nh, hd = self.window_size, self.num_heads, C // self.num_heads
         qkv = self.qkv(x)
@@ -236,13 +245,17 @@ class FocalWindowAttention(nn.Module):
             sources.append(F.linear(torch.cat(pooled, 1), kv_weight, kv_bias))
         sources.append(qkv.new_zeros(B, 1, 2 * C))  # qkv's dtype: under autocast x may be fp32
         kv = torch.cat(sources, 1).view(B, -1, 2, nh, hd).permute(0, 2, 3, 1, 4)
-        keys, values = kv.index_select(3, layout.key_index).view(B, 2, nh * layout.num_windows, -1, hd).unbind(1)
+        gathered = kv.index_select(3, layout.key_index)
+        keys, values = gathered.view(B, 2, nh * layout.num_windows, -1, hd).unbind(1)
 
         bias = self.position_bias()[:, None] + layout.mask[None]
         bias = bias.view(1, nh * layout.num_windows, ws * ws, -1).to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=bias,
-            dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
+        regather = regather_keys and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        saving = regathered_in_backward(gathered, kv, 3, layout.key_index) if regather else contextlib.nullcontext()
+        with saving:
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=bias,
+                dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
         out = out.view(B, nh, H // ws, W // ws, ws, ws, hd).permute(0, 2, 4, 3, 5, 1, 6).reshape(B, H, W, C)
         return self.proj_drop(self.proj(out))
 
@@ -343,8 +356,8 @@ class FocalTransformerBlock(nn.Module):
             pooled = torch.einsum('bhiwjc,ij->bhwc', windows, fc.weight.view(size, size)) + fc.bias
         return pooled.reshape(B, grid_h * grid_w, C)
 
-    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """x: (B, H*W, C) -> (B, H*W, C)."""
+    def forward(self, x: torch.Tensor, height: int, width: int, regather_keys: bool = True) -> torch.Tensor:
+        """x: (B, H*W, C) -> (B, H*W, C). regather_keys: see `FocalWindowAttention.forward`."""
         B, L, C = x.shape
         ws = self.window_size
         padded_h, padded_w = math.ceil(height / ws) * ws, math.ceil(width / ws) * ws
@@ -355,7 +368,7 @@ class FocalTransformerBlock(nn.Module):
             shifted, restored = self.shift_indices(height, width, padded_h, padded_w, x.device)
             y = y.reshape(B, -1, C).index_select(1, shifted).view(B, padded_h, padded_w, C)
         pooled = [self.pool(y, level) for level in range(self.attn.num_pooled_levels)]
-        y = self.attn(y, pooled, self.layout(padded_h, padded_w, x.device))
+        y = self.attn(y, pooled, self.layout(padded_h, padded_w, x.device), regather_keys)
         if self.shift_size:
             y = y.reshape(B, -1, C).index_select(1, restored)
         else:
@@ -429,7 +442,7 @@ class FocalStage(nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         for block in self.blocks:
             if self.use_checkpoint and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, height, width, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, height, width, regather_keys=False, use_reentrant=False)
             else:
                 x = block(x, height, width)
         return x

@@ -1,0 +1,120 @@
+"""Activation memory of a training step, Focal-T/S/B against Swin-T/S/B, on a CPU: the bytes a
+bf16-autocast forward pass leaves allocated for backward, which is what a GPU's training peak
+grows with the batch.
+
+Attention runs through a stand-in that saves its query, key and value inputs, as the fused CUDA
+kernels of `scaled_dot_product_attention` do (the CPU math path saves other tensors, including
+the attention matrix), so the figures estimate the GPU's activations without a GPU. Bytes are
+counted by glibc's allocator (Linux), so each model is measured in a fresh process.
+
+    python scripts/activation_memory.py                  # batch 4, all three sizes
+    python scripts/activation_memory.py --sizes tiny --batch-size 8
+"""
+import argparse
+import ctypes
+import gc
+import multiprocessing
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import timm  # noqa: E402
+
+import models  # noqa: E402,F401  (registers the focal_* models with timm)
+
+PAIRS = {
+    'tiny': ('focal_tiny_patch4_window7_224', 'swin_tiny_patch4_window7_224'),
+    'small': ('focal_small_patch4_window7_224', 'swin_small_patch4_window7_224'),
+    'base': ('focal_base_patch4_window7_224', 'swin_base_patch4_window7_224'),
+}
+
+
+class InputSavingAttention(torch.autograd.Function):
+    """Softmax attention with an additive bias that saves its query, key, value and bias inputs
+    for backward, as the fused CUDA kernels do, and recomputes the rest there."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, bias, scale):
+        ctx.save_for_backward(query, key, value, bias)
+        ctx.scale = scale
+        return InputSavingAttention.attend(query, key, value, bias, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            out = InputSavingAttention.attend(*inputs, ctx.scale)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad))
+        return (*(next(grads) if t.requires_grad else None for t in inputs), None)
+
+    @staticmethod
+    def attend(query, key, value, bias, scale):
+        scores = query @ key.transpose(-1, -2) * scale
+        return torch.softmax(scores if bias is None else scores + bias, -1) @ value
+
+
+def input_saving_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    if dropout_p or is_causal:
+        raise ValueError('the stand-in attention has no dropout or causal mask')
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    return InputSavingAttention.apply(query, key, value, attn_mask, scale)
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]
+
+
+def allocated_bytes() -> int:
+    """Bytes glibc's malloc has handed out and not taken back (heap and mmap'ed blocks)."""
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, 'mallinfo2'):
+        raise SystemExit('error: counting allocations needs glibc 2.33+ (Linux)')
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def activation_mib(name: str, batch_size: int, img_size: int) -> float:
+    """Runs in a fresh process: MiB left allocated by one training forward pass."""
+    F.scaled_dot_product_attention = input_saving_sdpa
+    model = timm.create_model(name).train()
+    images = torch.randn(batch_size, 3, img_size, img_size)
+    gc.collect()
+    before = allocated_bytes()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = model(images).float().logsumexp(-1).mean()
+    held = allocated_bytes() - before
+    loss.backward()
+    return held / 2**20
+
+
+def measure_isolated(*args) -> float:
+    with multiprocessing.get_context('spawn').Pool(1) as pool:
+        return pool.apply(activation_mib, args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--batch-size', type=int, default=4)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--sizes', nargs='+', choices=list(PAIRS), default=list(PAIRS))
+    args = parser.parse_args()
+    allocated_bytes()
+    print(f'activations kept for backward: batch {args.batch_size}, {args.img_size}px, bf16 autocast, '
+          f'attention saving its inputs as fused CUDA kernels do')
+    print()
+    print('| model | focal MiB | swin MiB | focal/swin |')
+    print('| --- | ---: | ---: | ---: |')
+    for size in args.sizes:
+        focal, swin = (measure_isolated(name, args.batch_size, args.img_size) for name in PAIRS[size])
+        print(f'| {size} | {focal:.0f} | {swin:.0f} | {focal / swin:.2f} |', flush=True)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,115 @@
+"""Gathered keys and values are regathered in backward instead of being kept for it."""
+import contextlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import FocalTransformer
+from models.regather import _Regather, regathered_in_backward
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'scripts'))
+from activation_memory import input_saving_sdpa  # noqa: E402  (attention that saves its inputs)
+
+MICRO = dict(img_size=64, embed_dim=16, depths=[2, 1, 1, 1], num_heads=[1, 2, 2, 2], focal_levels=[2] * 4,
+             focal_windows=[3] * 4, expand_sizes=[3] * 4, use_shift=True, focal_pool='fc', num_classes=5,
+             drop_path_rate=0.0)
+
+
+def gather_and_scale(regather: bool):
+    source = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 40, (300,))
+    gathered = source.index_select(0, index)
+    scale = torch.randn(150, 8, dtype=torch.float64, requires_grad=True)
+    with regathered_in_backward(gathered, source, 0, index) if regather else contextlib.nullcontext():
+        out = gathered[1::2] * scale  # saves a strided view of the gathered tensor
+    return source, gathered, scale, out
+
+
+def test_saved_view_is_regathered_with_its_values_and_geometry():
+    source, gathered, scale, out = gather_and_scale(regather=True)
+    saved = out.grad_fn._saved_self
+    assert saved.untyped_storage().data_ptr() != gathered.untyped_storage().data_ptr()
+    assert saved.stride() == gathered[1::2].stride()
+    assert torch.equal(saved, gathered[1::2])
+
+
+def test_without_regather_the_graph_keeps_the_gathered_storage():
+    source, gathered, scale, out = gather_and_scale(regather=False)
+    assert out.grad_fn._saved_self.untyped_storage().data_ptr() == gathered.untyped_storage().data_ptr()
+
+
+def test_regathered_gradients_equal_the_plain_ones():
+    torch.manual_seed(0)
+    source, _, scale, out = gather_and_scale(regather=True)
+    out.sum().backward(retain_graph=True)
+    first = source.grad.clone(), scale.grad.clone()
+    out.sum().backward()  # a second backward over the retained graph regathers again
+    torch.manual_seed(0)
+    plain_source, _, plain_scale, plain_out = gather_and_scale(regather=False)
+    plain_out.sum().backward()
+    assert torch.equal(first[0], plain_source.grad) and torch.equal(first[1], plain_scale.grad)
+    assert torch.equal(source.grad, 2 * first[0]) and torch.equal(scale.grad, 2 * first[1])
+
+
+def count_regathered_views(monkeypatch) -> list:
+    """Patch the pack hook to record how many saved tensors became regathered views."""
+    views = []
+    pack = _Regather.pack
+
+    def counting_pack(self, tensor):
+        packed = pack(self, tensor)
+        views.append(not isinstance(packed, torch.Tensor))
+        return packed
+    monkeypatch.setattr(_Regather, 'pack', counting_pack)
+    return views
+
+
+def block_gradients(block, x, regather_keys):
+    x = x.clone().requires_grad_()
+    block.zero_grad()
+    block(x, 16, 16, regather_keys=regather_keys).square().sum().backward()
+    return [x.grad] + [p.grad for p in block.parameters()]
+
+
+def test_input_saving_attention_stand_in_matches_sdpa():
+    query, key, value = (torch.randn(2, 3, n, 8, dtype=torch.float64, requires_grad=True) for n in (5, 7, 7))
+    bias = torch.randn(1, 3, 5, 7, dtype=torch.float64, requires_grad=True)
+    inputs = (query, key, value, bias)
+    out = input_saving_sdpa(query, key, value, attn_mask=bias, scale=0.3)
+    reference = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=0.3)
+    torch.testing.assert_close(out, reference)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(reference, inputs, grad)):
+        torch.testing.assert_close(a, b)
+
+
+def test_focal_attention_saves_no_gathered_keys_and_keeps_its_gradients(monkeypatch):
+    monkeypatch.setattr(F, 'scaled_dot_product_attention',
+                        input_saving_sdpa)
+    views = count_regathered_views(monkeypatch)
+    model = FocalTransformer(**MICRO).double()
+    block = model.layers[0].blocks[1]  # shifted, with surroundings and pooled keys
+    x = torch.randn(2, 256, 16, dtype=torch.float64)
+    regathered = block_gradients(block, x, regather_keys=True)
+    assert views.count(True) == 2  # keys and values
+    views.clear()
+    plain = block_gradients(block, x, regather_keys=False)
+    assert not views
+    for a, b in zip(regathered, plain):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize('context', ['no_grad', 'checkpoint'])
+def test_regather_stays_out_of_inference_and_block_checkpointing(monkeypatch, context):
+    views = count_regathered_views(monkeypatch)
+    model = FocalTransformer(**MICRO, use_checkpoint=context == 'checkpoint').train()
+    images = torch.randn(2, 3, 64, 64)
+    if context == 'no_grad':
+        with torch.no_grad():
+            model(images)
+    else:
+        F.cross_entropy(model(images), torch.tensor([0, 1])).backward()
+    assert not views
