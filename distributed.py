@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from utils import UserError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -31,6 +33,11 @@ def init_distributed(local_rank_arg: Optional[int], device_kind: str = 'auto') -
     rank = int(os.environ.get('RANK', 0))
     local_rank = int(os.environ.get('LOCAL_RANK', local_rank_arg or 0))
     use_cuda = torch.cuda.is_available() if device_kind == 'auto' else device_kind == 'cuda'
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        found = f"only {torch.cuda.device_count()} CUDA devices are" if torch.cuda.is_available() \
+            else "no CUDA device is"
+        raise UserError(f"--device cuda: process {local_rank} of this machine needs CUDA device "
+                        f"{local_rank} but {found} visible; use --device cpu or start fewer processes")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device('cuda', local_rank)

@@ -124,6 +124,8 @@ def run(args: argparse.Namespace) -> None:
     if config.EVAL_MODE and not config.MODEL.RESUME:
         raise ConfigError("--eval needs a checkpoint to evaluate: pass --resume CKPT")
     ctx = init_distributed(args.local_rank, args.device)
+    if ctx.device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN picks its fastest convolutions once
     seed_everything(config.SEED + ctx.rank)
     out_dir = run_folder(config)
     logger = create_logger(out_dir, ctx.rank)

@@ -40,6 +40,13 @@ def test_empty_data_path(tmp_path, capsys):
     assert f"no images found in {tmp_path / 'empty'}" in error_line(capsys)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
+def test_cuda_device_without_a_gpu(tmp_path, capsys):
+    cfg = write_micro_config(str(tmp_path))
+    assert main.main(['--cfg', cfg, '--device', 'cuda', '--output', str(tmp_path / 'out')]) == 1
+    assert 'needs CUDA device 0 but no CUDA device is visible' in error_line(capsys)
+
+
 def test_unknown_config_key(tmp_path, capsys):
     cfg = write_micro_config(str(tmp_path), 'TRAIN:\n  LEARNING_RATE: 0.1\n')
     assert run_main(['--cfg', cfg, '--output', str(tmp_path / 'out')]) == 1
