@@ -13,7 +13,6 @@ counted by glibc's allocator (Linux), so each model is measured in a fresh proce
 import argparse
 import ctypes
 import gc
-import multiprocessing
 import os
 import sys
 
@@ -25,12 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the focal_* models with timm)
-
-PAIRS = {
-    'tiny': ('focal_tiny_patch4_window7_224', 'swin_tiny_patch4_window7_224'),
-    'small': ('focal_small_patch4_window7_224', 'swin_small_patch4_window7_224'),
-    'base': ('focal_base_patch4_window7_224', 'swin_base_patch4_window7_224'),
-}
+from benchmark import PAIRS, in_fresh_process  # noqa: E402
 
 
 class InputSavingAttention(torch.autograd.Function):
@@ -94,11 +88,6 @@ def activation_mib(name: str, batch_size: int, img_size: int) -> float:
     return held / 2**20
 
 
-def measure_isolated(*args) -> float:
-    with multiprocessing.get_context('spawn').Pool(1) as pool:
-        return pool.apply(activation_mib, args)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--batch-size', type=int, default=4)
@@ -112,7 +101,7 @@ def main() -> None:
     print('| model | focal MiB | swin MiB | focal/swin |')
     print('| --- | ---: | ---: | ---: |')
     for size in args.sizes:
-        focal, swin = (measure_isolated(name, args.batch_size, args.img_size) for name in PAIRS[size])
+        focal, swin = (in_fresh_process(activation_mib, name, args.batch_size, args.img_size) for name in PAIRS[size])
         print(f'| {size} | {focal:.0f} | {swin:.0f} | {focal / swin:.2f} |', flush=True)
 
 

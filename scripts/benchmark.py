@@ -14,7 +14,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,8 @@ import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the focal_* models with timm)
 from engine import memory_used_mb  # noqa: E402
+
+T = TypeVar('T')
 
 PAIRS = {
     'tiny': ('focal_tiny_patch4_window7_224', 'swin_tiny_patch4_window7_224'),
@@ -58,7 +60,7 @@ def measure(step: Callable[[], None], device: torch.device, batch_size: int, war
 
 def benchmark_model(name: str, mode: str, args: argparse.Namespace, device: torch.device,
                     dtype: Optional[torch.dtype], compiled: bool) -> Measurement:
-    """Runs in a fresh process (see `measure_isolated`), so the peak memory is this model's."""
+    """Runs in a fresh process (see `in_fresh_process`), so the peak memory is this model's."""
     torch.set_num_threads(args.threads)
     model = timm.create_model(name, num_classes=1000).to(device)
     runner = torch.compile(model) if compiled else model
@@ -88,11 +90,11 @@ def benchmark_model(name: str, mode: str, args: argparse.Namespace, device: torc
     return measure(step, device, args.batch_size, args.warmup, args.iters)
 
 
-def measure_isolated(*args) -> Measurement:
-    """`benchmark_model` in a spawned process: no memory or compiled state carries over from
+def in_fresh_process(function: Callable[..., T], *args) -> T:
+    """`function(*args)` in a spawned process: no memory or compiled state carries over from
     the previous model."""
     with multiprocessing.get_context('spawn').Pool(1) as pool:
-        return pool.apply(benchmark_model, args)
+        return pool.apply(function, args)
 
 
 def machine_description(device: torch.device) -> str:
@@ -133,8 +135,8 @@ def main() -> None:
         focal, swin = PAIRS[size]
         for mode in args.mode:
             for compiled in variants:
-                f = measure_isolated(focal, mode, args, device, dtype, compiled)
-                s = measure_isolated(swin, mode, args, device, dtype, compiled)
+                f = in_fresh_process(benchmark_model, focal, mode, args, device, dtype, compiled)
+                s = in_fresh_process(benchmark_model, swin, mode, args, device, dtype, compiled)
                 peak = f'{f.peak_mib:.0f} | {s.peak_mib:.0f} | {f.peak_mib / s.peak_mib:.2f}'
                 print(f'| {size} | {mode} | {"yes" if compiled else "no"} | {f.images_per_s:.1f} | '
                       f'{s.images_per_s:.1f} | {f.images_per_s / s.images_per_s:.2f} | {peak} |', flush=True)
