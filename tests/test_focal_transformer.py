@@ -246,6 +246,16 @@ def test_bfloat16_autocast_runs_close_to_float32():
     assert (features.float() - load_golden('default224')['features']).abs().max() < 0.1
 
 
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_half_precision_autocast_trains_with_finite_gradients(dtype):
+    model = FocalTransformer(**MICRO, img_size=64, use_shift=True, focal_pool='fc')
+    with torch.autocast('cpu', dtype=dtype):
+        logits = model(torch.randn(2, 3, 64, 64))
+    assert logits.dtype == dtype
+    F.cross_entropy(logits.float(), torch.tensor([1, 2])).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_attention_under_autocast_gathers_keys_in_the_autocast_dtype(monkeypatch):
     """CUDA autocast keeps LayerNorm outputs in fp32 while linear layers give bf16: keys and values
     must be gathered in bf16 (not promoted to fp32 by the zero key row, doubling the largest
