@@ -2,13 +2,16 @@
 bf16-autocast forward pass leaves allocated for backward, which is what a GPU's training peak
 grows with the batch.
 
-Attention runs through a stand-in that saves its query, key and value inputs, as the fused CUDA
-kernels of `scaled_dot_product_attention` do (the CPU math path saves other tensors, including
-the attention matrix), so the figures estimate the GPU's activations without a GPU. Bytes are
-counted by glibc's allocator (Linux), so each model is measured in a fresh process.
+`scaled_dot_product_attention` runs through a stand-in that saves its query, key and value
+inputs, as its fused CUDA kernels do (the CPU math path saves other tensors, including the
+attention matrix), so the figures estimate the GPU's activations without a GPU. timm's Swin
+computes attention without SDPA unless `TIMM_FUSED_ATTN=2` is set (its fused path is marked
+experimental), and is measured as it runs. Bytes are counted by glibc's allocator (Linux), each
+model in a fresh process.
 
     python scripts/activation_memory.py                  # batch 4, all three sizes
     python scripts/activation_memory.py --sizes tiny --batch-size 8
+    TIMM_FUSED_ATTN=2 python scripts/activation_memory.py   # against Swin with fused attention
 """
 import argparse
 import ctypes
@@ -24,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the focal_* models with timm)
-from benchmark import PAIRS, in_fresh_process  # noqa: E402
+from benchmark import PAIRS, in_fresh_process, swin_attention  # noqa: E402
 
 
 class InputSavingAttention(torch.autograd.Function):
@@ -53,9 +56,14 @@ class InputSavingAttention(torch.autograd.Function):
 
 
 def input_saving_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-    if dropout_p or is_causal:
-        raise ValueError('the stand-in attention has no dropout or causal mask')
+    if dropout_p or is_causal or (attn_mask is not None and not attn_mask.is_floating_point()):
+        raise ValueError('the stand-in attention takes an additive float mask, no dropout or causal mask')
     scale = query.shape[-1] ** -0.5 if scale is None else scale
+    device = query.device.type
+    if torch.is_autocast_enabled(device):  # autocast casts SDPA's inputs to its dtype
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
+        attn_mask = None if attn_mask is None else attn_mask.to(dtype)
     return InputSavingAttention.apply(query, key, value, attn_mask, scale)
 
 
@@ -96,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     allocated_bytes()
     print(f'activations kept for backward: batch {args.batch_size}, {args.img_size}px, bf16 autocast, '
-          f'attention saving its inputs as fused CUDA kernels do')
+          f'SDPA replaced by a stand-in that saves its inputs as fused CUDA kernels do; Swin attention {swin_attention()}')
     print()
     print('| model | focal MiB | swin MiB | focal/swin |')
     print('| --- | ---: | ---: | ---: |')

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import timm  # noqa: E402
+from timm.layers import use_fused_attn  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the focal_* models with timm)
 from engine import memory_used_mb  # noqa: E402
@@ -97,6 +98,12 @@ def in_fresh_process(function: Callable[..., T], *args) -> T:
         return pool.apply(function, args)
 
 
+def swin_attention() -> str:
+    """How timm's Swin computes attention in this process (and in the spawned ones, which
+    inherit the environment): its SDPA path is opt-in, with TIMM_FUSED_ATTN=2."""
+    return 'SDPA' if use_fused_attn(experimental=True) else 'unfused (timm default; TIMM_FUSED_ATTN=2 for SDPA)'
+
+
 def machine_description(device: torch.device) -> str:
     if device.type == 'cuda':
         return f'{torch.cuda.get_device_name(device)}, torch {torch.__version__}'
@@ -127,7 +134,8 @@ def main() -> None:
     variants: List[bool] = [False, True] if args.compile else [False]
 
     print(f'machine: {machine_description(device)}; batch {args.batch_size}, {args.img_size}px, '
-          f'{"bf16 autocast" if dtype else f"fp32, {args.threads} threads"}; each measurement in a fresh process')
+          f'{"bf16 autocast" if dtype else f"fp32, {args.threads} threads"}; each measurement in a fresh process; '
+          f'Swin attention {swin_attention()}')
     print()
     print('| model | mode | compiled | focal img/s | swin img/s | focal/swin | focal peak MiB | swin peak MiB | peak ratio |')
     print('| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |')
