@@ -442,7 +442,8 @@ class FocalStage(nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         for block in self.blocks:
             if self.use_checkpoint and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, height, width, regather_keys=False, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, height, width, regather_keys=False,
+                                                      use_reentrant=False)
             else:
                 x = block(x, height, width)
         return x
