@@ -61,8 +61,11 @@ def regathered_in_backward(gathered: torch.Tensor, source: torch.Tensor, dim: in
     inside activation checkpointing or torch.compile: their own saved-tensor handling must
     see every saved tensor.
     """
-    storage = gathered.untyped_storage().data_ptr()
-    if storage == 0:  # meta tensors have no storage to tell the gathered views apart
+    try:
+        storage = gathered.untyped_storage().data_ptr()
+    except (NotImplementedError, RuntimeError):  # torch.func wrappers and other tensor subclasses
+        storage = 0
+    if storage == 0:  # no storage (meta tensors included) to tell the gathered views apart
         yield
         return
     regather = _Regather(source.detach(), dim, index, storage)

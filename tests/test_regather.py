@@ -113,3 +113,15 @@ def test_regather_stays_out_of_inference_and_block_checkpointing(monkeypatch, co
     else:
         F.cross_entropy(model(images), torch.tensor([0, 1])).backward()
     assert not views
+
+
+def test_torch_func_gradients_run_without_regather():
+    """torch.func wraps tensors without storage: the regather stands aside and grad matches autograd."""
+    from torch.func import functional_call, grad
+    model = FocalTransformer(**MICRO).double()
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    func_grads = grad(lambda p: functional_call(model, p, (images,)).sum())(params)
+    model(images).sum().backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(func_grads[name], p.grad)
