@@ -59,7 +59,8 @@ def regathered_in_backward(gathered: torch.Tensor, source: torch.Tensor, dim: in
 
     `source` is kept instead (the caller must not modify it in place before backward). Do not use
     inside activation checkpointing or torch.compile: their own saved-tensor handling must
-    see every saved tensor.
+    see every saved tensor. Outer saved-tensor hooks (e.g. `save_on_cpu`) do not see the
+    tensors saved in here either.
     """
     try:
         storage = gathered.untyped_storage().data_ptr()
