@@ -1,5 +1,7 @@
 """Gathered keys and values are regathered in backward instead of being kept for it."""
 import contextlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +12,8 @@ import torch.nn.functional as F
 from models import FocalTransformer
 from models.regather import _Regather, regathered_in_backward
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'scripts'))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / 'scripts'))
 from activation_memory import input_saving_sdpa  # noqa: E402  (attention that saves its inputs)
 
 MICRO = dict(img_size=64, embed_dim=16, depths=[2, 1, 1, 1], num_heads=[1, 2, 2, 2], focal_levels=[2] * 4,
@@ -125,3 +128,16 @@ def test_torch_func_gradients_run_without_regather():
     model(images).sum().backward()
     for name, p in model.named_parameters():
         assert torch.allclose(func_grads[name], p.grad)
+
+
+def test_full_size_focal_tiny_keeps_about_what_swin_tiny_keeps_for_backward():
+    """scripts/activation_memory.py at batch 2: Focal-T keeps 1.09x timm's Swin-T (1.27x when
+    the gathered keys were kept), weights' bf16 copies and position biases included."""
+    result = subprocess.run([sys.executable, 'scripts/activation_memory.py', '--sizes', 'tiny', '--batch-size', '2'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, TIMM_FUSED_ATTN='0'))
+    assert result.returncode == 0, result.stderr
+    row = result.stdout.strip().splitlines()[-1]
+    focal_mib, swin_mib, ratio = (float(cell) for cell in row.strip('|').split('|')[1:])
+    assert row.startswith('| tiny |') and focal_mib > 0 and swin_mib > 0
+    assert ratio < 1.18, row
