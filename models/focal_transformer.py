@@ -9,12 +9,12 @@ Each query window attends to three kinds of keys at once:
     sub-window, neighbours outside the map are zero and masked by -100).
 
 The official implementation builds the key sets with `torch.roll`, `nn.Unfold` and in-place bias
-slices. Here every key set is one precomputed index map per feature size, keys and values are
-gathered with a single `index_select`, all positional terms and masks form one additive bias, and
-attention runs through `scaled_dot_product_attention`. Parameter names and shapes equal the
-official ones, so released checkpoints load through `checkpoint_filter_fn`.
+slices. Here this file says what each window attends to and which position terms it adds; the
+`focal_attention` package says how: every key set is one precomputed index map per feature size,
+shared by all blocks of the same geometry, and the attention runs through SDPA or a fused Triton
+kernel (`attn_backend`). Parameter names and shapes equal the official ones, so released
+checkpoints load through `checkpoint_filter_fn`, and compute the same function on either backend.
 """
-import contextlib
 import logging
 import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -28,166 +28,47 @@ from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
 
-from .regather import regathered_in_backward
+from .focal_attention import (FocalGeometry, WindowLayout, check_backend, focal_attention,
+                              num_surrounding_keys, pooled_key_size, relative_position_index, window_layout)
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ['FocalTransformer', 'checkpoint_filter_fn', 'unwrap_state_dict']
 
-MASKED = -100.0  # the official code's additive mask value (not -inf: a fully masked row stays finite)
-KEY_ALIGNMENT = 8  # keys per window rounded up to this: bias rows of 16-byte multiples in bf16/fp16
 POOL_METHODS = ('fc', 'mean', 'max', 'conv', 'none')
 EXPAND_LAYERS = ('all', 'even', 'odd')
-
-
-def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
-    """Index into a ((query_size + key_size - 1) ** 2)-entry bias table for every (query, key)
-    pair of a query_size x query_size window and a key_size x key_size window, aligned at their
-    top-left corners. Returns (query_size**2, key_size**2) long."""
-    q = torch.stack(torch.meshgrid(torch.arange(query_size), torch.arange(query_size), indexing='ij')).flatten(1)
-    k = torch.stack(torch.meshgrid(torch.arange(key_size), torch.arange(key_size), indexing='ij')).flatten(1)
-    rel = q[:, :, None] - k[:, None, :] + (key_size - 1)
-    return rel[0] * (query_size + key_size - 1) + rel[1]
-
-
-def surrounding_offsets(window_size: int, expand_size: int) -> torch.Tensor:
-    """Offsets (dy, dx), relative to a window's top-left token, of its fine-grained surroundings,
-    in the official key order: for the four corner shifts (+e,+e), (+e,-e), (-e,+e), (-e,-e), the
-    window positions whose shifted token falls outside the window. Returns (4*ws^2 - 4*(ws-e)^2, 2)."""
-    ws, e = window_size, expand_size
-    r, c = torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing='ij')
-    offsets = []
-    for dy, dx in ((e, e), (e, -e), (-e, e), (-e, -e)):
-        outside_rows = r >= ws - e if dy > 0 else r < e
-        outside_cols = c >= ws - e if dx > 0 else c < e
-        keep = (outside_rows | outside_cols).flatten()
-        offsets.append(torch.stack([r.flatten() + dy, c.flatten() + dx], 1)[keep])
-    return torch.cat(offsets)
-
-
-def pooled_key_size(focal_window: int, level: int) -> int:
-    """Side of the square neighbourhood of pooled tokens a window attends to at pooled level k."""
-    return focal_window + 2 ** level - 1
-
-
-def pooled_neighbourhood(num_windows: Tuple[int, int], focal_window: int, level: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Flat positions in the pooled map of level k of each window's pooled keys, and whether each
-    lies inside the map. The pooled map has (nWh * 2^k, nWw * 2^k) tokens; window (wy, wx) sees the
-    pooled_key_size(fw, k)^2 tokens starting at (wy * 2^k - pad, wx * 2^k - pad), the neighbourhood
-    the official stride-2^k unfold takes. Returns two (nW, K^2) tensors: long positions, bool valid."""
-    nwh, nww = num_windows
-    stride = 2 ** level
-    kernel = 2 * (focal_window // 2) + 2 * stride - 1
-    pad = kernel // 2
-    size = pooled_key_size(focal_window, level)
-    first = kernel - size  # the unfold keeps kernel positions >= 2^k - 1
-    ky, kx = torch.meshgrid(torch.arange(size) + first - pad, torch.arange(size) + first - pad, indexing='ij')
-    wy, wx = torch.meshgrid(torch.arange(nwh) * stride, torch.arange(nww) * stride, indexing='ij')
-    py = wy.reshape(-1, 1) + ky.reshape(1, -1)
-    px = wx.reshape(-1, 1) + kx.reshape(1, -1)
-    height, width = nwh * stride, nww * stride
-    valid = (py >= 0) & (py < height) & (px >= 0) & (px < width)
-    return py.clamp(0, height - 1) * width + px.clamp(0, width - 1), valid
-
-
-def shift_region_mask(height: int, width: int, window_size: int, shift_size: int) -> torch.Tensor:
-    """Swin's shifted-window mask over a (height, width) map already rolled by -shift_size: tokens
-    from different image regions must not attend to each other. Returns (nW, ws^2, ws^2) of 0/-100."""
-    region = torch.zeros(height, width)
-    bounds = (0, -window_size, -shift_size, None)
-    label = 0
-    for h0, h1 in zip(bounds[:-1], bounds[1:]):
-        for w0, w1 in zip(bounds[:-1], bounds[1:]):
-            region[h0:h1, w0:w1] = label
-            label += 1
-    windows = window_partition(region[None, :, :, None], window_size).flatten(1)
-    return (windows[:, None, :] != windows[:, :, None]).float() * MASKED
-
-
-def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """(B, H, W, C) -> (B * nW, ws, ws, C), windows in row-major order; H, W multiples of ws."""
-    B, H, W, C = x.shape
-    x = x.view(B, H // window_size, window_size, W // window_size, window_size, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, C)
-
-
-class WindowLayout:
-    """Everything about a padded (Hp, Wp) feature map that a focal attention layer needs, built
-    once per map size: which token feeds each key slot of each window, and the constant part of
-    the attention bias (shift-region mask and masks of pooled neighbours outside the map).
-
-    key_index: (nW * S,) positions into the key/value source [fine map tokens, pooled tokens of
-        each level, one zero token]. S is padded to a multiple of KEY_ALIGNMENT with zero keys
-        masked by -inf, so the bias rows meet the fused kernels' alignment without a padded copy.
-    mask: (nW, ws^2, S) additive mask.
-    """
-
-    def __init__(self, height: int, width: int, attn: 'FocalWindowAttention', shift_size: int,
-                 device: torch.device):
-        ws = attn.window_size
-        nwh, nww = height // ws, width // ws
-        num_windows = nwh * nww
-        area = ws * ws
-        rows, cols = torch.meshgrid(torch.arange(nwh) * ws, torch.arange(nww) * ws, indexing='ij')
-        rows, cols = rows.reshape(-1, 1), cols.reshape(-1, 1)
-
-        offsets = [torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing='ij'), -1).reshape(-1, 2)]
-        if attn.num_surrounding:
-            offsets.append(surrounding_offsets(ws, attn.expand_size))
-        offsets = torch.cat(offsets)
-        fine_rows = (rows + offsets[:, 0]) % height  # wrapping as the official torch.roll does
-        fine_cols = (cols + offsets[:, 1]) % width
-        key_index = [fine_rows * width + fine_cols]
-        masks = [torch.zeros(num_windows, area, offsets.shape[0])]
-        if shift_size > 0:
-            masks[0][:, :, :area] = shift_region_mask(height, width, ws, shift_size)
-
-        base = height * width
-        pooled_tokens = [num_windows * 4 ** level for level in range(attn.num_pooled_levels)]
-        num_tokens = base + sum(pooled_tokens)
-        for level, level_tokens in enumerate(pooled_tokens):
-            position, valid = pooled_neighbourhood((nwh, nww), attn.focal_window, level)
-            key_index.append(torch.where(valid, base + position, num_tokens))
-            masks.append((~valid).float()[:, None, :].expand(-1, area, -1) * MASKED)
-            base += level_tokens
-        alignment_keys = attn.num_keys - attn.num_attended_keys
-        key_index.append(torch.full((num_windows, alignment_keys), num_tokens))
-        masks.append(torch.full((num_windows, area, alignment_keys), float('-inf')))
-
-        self.num_windows = num_windows
-        self.key_index = torch.cat(key_index, 1).flatten().to(device)
-        self.mask = torch.cat(masks, 2).to(device)
 
 
 class FocalWindowAttention(nn.Module):
     """Focal self-attention of each ws x ws query window over its own tokens, its fine-grained
     surroundings and the pooled tokens of neighbouring windows at each coarser level.
 
-    Parameter names and shapes follow the official `WindowAttention`.
+    Parameter names and shapes follow the official `WindowAttention`. shift_size: the block's
+    cyclic shift (its windows then mask across image regions). attn_backend: see `focal_attention`.
     """
 
     def __init__(self, dim: int, expand_size: int, window_size: int, focal_window: int, focal_level: int,
                  num_heads: int, qkv_bias: bool = True, qk_scale: Optional[float] = None,
-                 attn_drop: float = 0., proj_drop: float = 0., pool_method: str = 'none'):
+                 attn_drop: float = 0., proj_drop: float = 0., pool_method: str = 'none', shift_size: int = 0,
+                 attn_backend: str = 'auto'):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
         self.dim = dim
         self.num_heads = num_heads
         self.window_size = window_size
-        self.expand_size = expand_size
-        self.focal_window = focal_window
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.attn_drop = attn_drop
+        self.attn_backend = check_backend(attn_backend)
         area = window_size * window_size
 
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         position_index = [relative_position_index(window_size, window_size)]
         table_size = (2 * window_size - 1) ** 2
 
-        self.num_surrounding = 0
-        if expand_size > 0 and focal_level > 0:
-            self.num_surrounding = 4 * area - 4 * (window_size - expand_size) ** 2
+        expand_size = expand_size if focal_level > 0 else 0
+        self.num_surrounding = num_surrounding_keys(window_size, expand_size)
+        if self.num_surrounding:
             self.relative_position_bias_table_to_neighbors = nn.Parameter(
                 torch.zeros(1, num_heads, area, self.num_surrounding))
             trunc_normal_(self.relative_position_bias_table_to_neighbors, std=.02)
@@ -204,9 +85,10 @@ class FocalWindowAttention(nn.Module):
                 self.relative_position_bias_table_to_windows.append(table)
                 position_index.append(table_size + relative_position_index(window_size, key_size))
                 table_size += table.shape[1]
+        self.geometry = FocalGeometry(window_size, expand_size, focal_window, self.num_pooled_levels, shift_size)
         position_index = torch.cat(position_index, 1)
-        self.num_attended_keys = position_index.shape[1]
-        self.num_keys = math.ceil(self.num_attended_keys / KEY_ALIGNMENT) * KEY_ALIGNMENT
+        self.num_attended_keys = self.geometry.num_attended_keys
+        self.num_keys = self.geometry.num_keys
         position_index = F.pad(position_index, (0, self.num_keys - self.num_attended_keys))
         self.register_buffer('position_bias_index', position_index, persistent=False)
 
@@ -215,53 +97,39 @@ class FocalWindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def position_bias(self) -> torch.Tensor:
-        """All relative position terms as one (nH, ws^2, S) tensor, from one gather over the
-        concatenated bias tables."""
+        """All relative position terms as one (nH, ws^2, S) tensor, the same for every window, from
+        one gather over the concatenated bias tables."""
         tables = [self.relative_position_bias_table.t()]
         if self.num_surrounding:
             tables.append(self.relative_position_bias_table_to_neighbors[0].flatten(1))
         if self.num_pooled_levels:
-            tables.extend(self.relative_position_bias_table_to_windows)
+            tables += [table for table in self.relative_position_bias_table_to_windows]
         return torch.cat(tables, 1)[:, self.position_bias_index]
 
     def forward(self, x: torch.Tensor, pooled: List[torch.Tensor], layout: WindowLayout,
                 regather_keys: bool = True) -> torch.Tensor:
         """x: (B, Hp, Wp, C) padded (and shifted) map; pooled: per level (B, P_k, C) pooled tokens.
-        Returns (B, Hp, Wp, C).
+        Returns (B, Hp*Wp, C).
 
-        regather_keys: when training eagerly, save the ungathered keys and values for backward
-        and gather them again there (see `models.regather`); callers that recompute the whole
-        block pass False. torch.compile's partitioner makes that choice itself.
+        regather_keys: with the SDPA backend in eager training, save the ungathered keys and values
+        for backward and gather them again there (see `focal_attention.regather`); callers that
+        recompute the whole block pass False.
         """
         B, H, W, C = x.shape
-        ws, nh, hd = self.window_size, self.num_heads, C // self.num_heads
-        qkv = self.qkv(x)
-        q = qkv[..., :C].reshape(B, H // ws, ws, W // ws, ws, nh, hd)
-        q = q.permute(0, 5, 1, 3, 2, 4, 6).reshape(B, nh * layout.num_windows, ws * ws, hd)
-
-        sources = [qkv[..., C:].reshape(B, H * W, 2 * C)]
+        qkv = self.qkv(x).view(B, H * W, 3 * C)
+        pooled_kv = None
         if pooled:
             kv_weight, kv_bias = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
-            sources.append(F.linear(torch.cat(pooled, 1), kv_weight, kv_bias))
-        sources.append(qkv.new_zeros(B, 1, 2 * C))  # qkv's dtype: under autocast x may be fp32
-        kv = torch.cat(sources, 1).view(B, -1, 2, nh, hd).permute(0, 2, 3, 1, 4)
-        gathered = kv.index_select(3, layout.key_index)
-        keys, values = gathered.view(B, 2, nh * layout.num_windows, -1, hd).unbind(1)
-
-        bias = self.position_bias()[:, None] + layout.mask[None]
-        bias = bias.view(1, nh * layout.num_windows, ws * ws, -1).to(q.dtype)
-        regather = regather_keys and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        saving = regathered_in_backward(gathered, kv, 3, layout.key_index) if regather else contextlib.nullcontext()
-        with saving:
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=bias,
-                dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
-        out = out.view(B, nh, H // ws, W // ws, ws, ws, hd).permute(0, 2, 4, 3, 5, 1, 6).reshape(B, H, W, C)
+            pooled_kv = F.linear(torch.cat(pooled, 1), kv_weight, kv_bias).to(qkv.dtype)
+        out = focal_attention(qkv, pooled_kv, self.position_bias(), layout, self.num_heads, self.scale,
+                              dropout_p=self.attn_drop if self.training else 0., backend=self.attn_backend,
+                              regather_keys=regather_keys)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, '
-                f'surrounding={self.num_surrounding}, pooled_levels={self.num_pooled_levels}')
+                f'surrounding={self.num_surrounding}, pooled_levels={self.num_pooled_levels}, '
+                f'attn_backend={self.attn_backend!r}')
 
 
 class FocalTransformerBlock(nn.Module):
@@ -276,7 +144,8 @@ class FocalTransformerBlock(nn.Module):
                  expand_size: int = 0, shift_size: int = 0, mlp_ratio: float = 4., qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, drop: float = 0., attn_drop: float = 0., drop_path: float = 0.,
                  act_layer=nn.GELU, norm_layer=nn.LayerNorm, pool_method: str = 'none', focal_level: int = 1,
-                 focal_window: int = 1, use_layerscale: bool = False, layerscale_value: float = 1e-4):
+                 focal_window: int = 1, use_layerscale: bool = False, layerscale_value: float = 1e-4,
+                 attn_backend: str = 'auto'):
         super().__init__()
         if min(input_resolution) <= window_size:
             expand_size, shift_size, window_size = 0, 0, min(input_resolution)
@@ -300,7 +169,8 @@ class FocalTransformerBlock(nn.Module):
         self.attn = FocalWindowAttention(
             dim, expand_size=expand_size, window_size=window_size, focal_window=focal_window,
             focal_level=focal_level, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
-            attn_drop=attn_drop, proj_drop=drop, pool_method=pool_method)
+            attn_drop=attn_drop, proj_drop=drop, pool_method=pool_method, shift_size=shift_size,
+            attn_backend=attn_backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
@@ -309,27 +179,10 @@ class FocalTransformerBlock(nn.Module):
             self.gamma_2 = nn.Parameter(layerscale_value * torch.ones(dim))
         else:
             self.gamma_1 = self.gamma_2 = None
-        self._layouts: Dict[Tuple[int, int, torch.device], WindowLayout] = {}
-        self._shift_indices: Dict[Tuple[int, int, torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def layout(self, height: int, width: int, device: torch.device) -> WindowLayout:
-        key = (height, width, device)
-        if key not in self._layouts:
-            self._layouts[key] = WindowLayout(height, width, self.attn, self.shift_size, device)
-        return self._layouts[key]
-
-    def shift_indices(self, height: int, width: int, padded_height: int, padded_width: int,
-                      device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Token gathers replacing the two cyclic rolls of a shifted block: (Hp*Wp,) positions that
-        build the map rolled by -shift, and (H*W,) positions that undo it and crop the padding."""
-        key = (height, width, device)
-        if key not in self._shift_indices:
-            s = self.shift_size
-            rows, cols = torch.arange(padded_height), torch.arange(padded_width)
-            shifted = ((rows[:, None] + s) % padded_height) * padded_width + (cols[None, :] + s) % padded_width
-            restored = ((rows[:height, None] - s) % padded_height) * padded_width + (cols[None, :width] - s) % padded_width
-            self._shift_indices[key] = (shifted.flatten().to(device), restored.flatten().to(device))
-        return self._shift_indices[key]
+        """The shared index maps of an (height, width) input map (see `focal_attention.geometry`)."""
+        return window_layout(height, width, self.attn.geometry, device)
 
     def pool(self, x: torch.Tensor, level: int) -> torch.Tensor:
         """Pool the (B, Hp, Wp, C) map into sub-windows of side ws // 2^k, after centre-trimming or
@@ -359,20 +212,19 @@ class FocalTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int, regather_keys: bool = True) -> torch.Tensor:
         """x: (B, H*W, C) -> (B, H*W, C). regather_keys: see `FocalWindowAttention.forward`."""
         B, L, C = x.shape
-        ws = self.window_size
-        padded_h, padded_w = math.ceil(height / ws) * ws, math.ceil(width / ws) * ws
+        layout = self.layout(height, width, x.device)
+        padded_h, padded_w = layout.padded_size
         y = self.norm1(x).view(B, height, width, C)
         if (padded_h, padded_w) != (height, width):
             y = F.pad(y, (0, 0, 0, padded_w - width, 0, padded_h - height))
         if self.shift_size:
-            shifted, restored = self.shift_indices(height, width, padded_h, padded_w, x.device)
-            y = y.reshape(B, -1, C).index_select(1, shifted).view(B, padded_h, padded_w, C)
+            y = y.reshape(B, -1, C).index_select(1, layout.shift_gather).view(B, padded_h, padded_w, C)
         pooled = [self.pool(y, level) for level in range(self.attn.num_pooled_levels)]
-        y = self.attn(y, pooled, self.layout(padded_h, padded_w, x.device), regather_keys)
+        y = self.attn(y, pooled, layout, regather_keys)
         if self.shift_size:
-            y = y.reshape(B, -1, C).index_select(1, restored)
+            y = y.index_select(1, layout.unshift_gather)
         else:
-            y = y[:, :height, :width].reshape(B, L, C)
+            y = y.view(B, padded_h, padded_w, C)[:, :height, :width].reshape(B, L, C)
         if self.gamma_1 is not None:
             y = self.gamma_1 * y
         x = x + self.drop_path(y)
@@ -420,7 +272,7 @@ class FocalStage(nn.Module):
                  drop_path: Union[float, Sequence[float]] = 0., norm_layer=nn.LayerNorm, pool_method: str = 'none',
                  focal_level: int = 1, focal_window: int = 1, use_conv_embed: bool = False, use_shift: bool = False,
                  use_pre_norm: bool = False, downsample: bool = False, use_checkpoint: bool = False,
-                 use_layerscale: bool = False, layerscale_value: float = 1e-4):
+                 use_layerscale: bool = False, layerscale_value: float = 1e-4, attn_backend: str = 'auto'):
         super().__init__()
         self.use_checkpoint = use_checkpoint
         unexpanded_parity = {'all': None, 'even': 0, 'odd': 1}[expand_layer]
@@ -433,7 +285,7 @@ class FocalStage(nn.Module):
                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop, attn_drop=attn_drop,
                 drop_path=drop_path[i], norm_layer=norm_layer, pool_method=pool_method,
                 focal_level=focal_level, focal_window=focal_window,
-                use_layerscale=use_layerscale, layerscale_value=layerscale_value)
+                use_layerscale=use_layerscale, layerscale_value=layerscale_value, attn_backend=attn_backend)
             for i in range(depth)])
         self.downsample = PatchEmbed(
             patch_size=2, in_chans=dim, embed_dim=2 * dim, use_conv_embed=use_conv_embed,
@@ -455,6 +307,8 @@ class FocalTransformer(nn.Module):
 
     The model accepts any input size: `img_size` only fixes the parameter shapes (where a stage map
     is no larger than the window); maps are padded to window multiples at run time.
+    attn_backend: how focal attention runs, 'auto' (the fused kernel where it can run, else SDPA),
+    'sdpa' or 'fused' (see `models.focal_attention`); `set_attn_backend` switches it later.
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4, in_chans: int = 3,
@@ -467,7 +321,7 @@ class FocalTransformer(nn.Module):
                  focal_windows: Sequence[int] = (7, 5, 3, 1), focal_pool: str = 'fc',
                  expand_stages: Sequence[int] = (0, 1, 2, 3), expand_sizes: Sequence[int] = (3, 3, 3, 3),
                  expand_layer: str = 'all', use_conv_embed: bool = False, use_layerscale: bool = False,
-                 layerscale_value: float = 1e-4, use_pre_norm: bool = False, **kwargs):
+                 layerscale_value: float = 1e-4, use_pre_norm: bool = False, attn_backend: str = 'auto', **kwargs):
         super().__init__()
         num_stages = len(depths)
         for name, values in (('num_heads', num_heads), ('focal_levels', focal_levels),
@@ -513,7 +367,7 @@ class FocalTransformer(nn.Module):
                 pool_method=focal_pool if i in focal_stages else 'none', focal_level=focal_levels[i],
                 focal_window=focal_windows[i], use_conv_embed=use_conv_embed, use_shift=use_shift,
                 use_pre_norm=use_pre_norm, downsample=i < num_stages - 1, use_checkpoint=use_checkpoint,
-                use_layerscale=use_layerscale, layerscale_value=layerscale_value))
+                use_layerscale=use_layerscale, layerscale_value=layerscale_value, attn_backend=attn_backend))
             self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f'layers.{i}'))
         self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -542,6 +396,14 @@ class FocalTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.layers:
             stage.use_checkpoint = enable
+
+    def set_attn_backend(self, attn_backend: str) -> None:
+        """Switch every block's focal attention to 'auto', 'sdpa' or 'fused' (see `focal_attention`);
+        the function the model computes stays the same."""
+        check_backend(attn_backend)
+        for module in self.modules():
+            if isinstance(module, FocalWindowAttention):
+                module.attn_backend = attn_backend
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import models  # noqa: F401  (registers the timm variants)
 from models import FocalTransformer, checkpoint_filter_fn
-from models.focal_transformer import pooled_key_size, pooled_neighbourhood, surrounding_offsets
+from models.focal_attention import pooled_key_size, pooled_neighbourhood, surrounding_offsets
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / 'tests' / 'data' / 'golden'

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from models import FocalTransformer
-from models.regather import _Regather, regathered_in_backward
+from models.focal_attention.regather import _Regather, regathered_in_backward
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'scripts'))

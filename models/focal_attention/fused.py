@@ -1,0 +1,205 @@
+"""The fused backend: the Triton kernels of `triton_kernels` as one `torch.library` custom op with
+its own backward op, so that eager autograd, autocast and torch.compile (which keeps the op whole
+inside its graph) all run the same kernels.
+
+Runs on CUDA, or on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`, for tests), in
+fp32, fp16 and bf16, for windows of up to MAX_WINDOW_AREA tokens and heads of up to MAX_HEAD_DIM
+channels, without attention dropout; `unavailable_reason` says why not otherwise.
+"""
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from .geometry import WindowLayout
+
+try:
+    from . import triton_kernels
+except ImportError:  # PyTorch builds without Triton (e.g. CPU-only wheels)
+    triton_kernels = None
+
+MAX_WINDOW_AREA = 256  # queries of a window sit in one block of at most this many rows
+MAX_HEAD_DIM = 256
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PROGRAMS_PER_SM = 8  # backward: programs to keep in flight per multiprocessor
+
+
+def unavailable_reason(qkv: torch.Tensor, layout: WindowLayout, num_heads: int, dropout_p: float) -> Optional[str]:
+    """Why the fused kernel cannot run these inputs, or None when it can."""
+    if triton_kernels is None:
+        return 'Triton is not installed'
+    interpreting = os.environ.get('TRITON_INTERPRET') == '1'
+    if qkv.device.type != 'cuda' and not (interpreting and qkv.device.type == 'cpu'):
+        return f'inputs on {qkv.device.type} (it needs CUDA, or TRITON_INTERPRET=1 on the CPU)'
+    if qkv.dtype not in DTYPES:
+        return f'dtype {qkv.dtype}'
+    if layout.window_area > MAX_WINDOW_AREA:
+        return f'windows of {layout.window_area} tokens (at most {MAX_WINDOW_AREA})'
+    if qkv.shape[-1] // 3 // num_heads > MAX_HEAD_DIM:
+        return f'heads of {qkv.shape[-1] // 3 // num_heads} channels (at most {MAX_HEAD_DIM})'
+    if dropout_p > 0:
+        return 'attention dropout'
+    return None
+
+
+def fused_focal_attention(qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor], position_bias: torch.Tensor,
+                          layout: WindowLayout, num_heads: int, scale: float) -> torch.Tensor:
+    """See `focal_attention`."""
+    fine_users, pooled_users = layout.key_users()
+    if pooled_kv is not None:
+        pooled_kv = pooled_kv.to(qkv.dtype).contiguous()
+    out, _ = torch.ops.focal_attention.fused_forward(
+        qkv.contiguous(), pooled_kv, position_bias.float().contiguous(), layout.key_index, layout.regions,
+        fine_users.offsets, fine_users.slots, pooled_users.offsets, pooled_users.slots,
+        num_heads, layout.num_attended, layout.zero_token, scale)
+    return out
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _launch_config(qkv: torch.Tensor, area: int, num_keys: int, num_heads: int) -> dict:
+    """Block sizes, warps and dot precision for one call (queries of a window form one block)."""
+    head_dim = qkv.shape[-1] // 3 // num_heads
+    block_m = max(16, _next_power_of_2(area))
+    upcast = not qkv.is_cuda and qkv.dtype != torch.float32  # the interpreter's 16-bit dot is wrong
+    tf32 = qkv.is_cuda and (qkv.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32)
+    return dict(BLOCK_M=block_m, BLOCK_N=min(64 if block_m <= 64 else 32, max(16, _next_power_of_2(num_keys))),
+                BLOCK_D=max(16, _next_power_of_2(head_dim)), PRECISION='tf32' if tf32 else 'ieee', UPCAST=upcast,
+                num_warps=4 if block_m <= 64 else 8)
+
+
+def _shape_args(qkv: torch.Tensor, key_index: torch.Tensor, num_heads: int) -> Tuple[int, int, int, int, int, int]:
+    B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    num_windows, num_keys = key_index.shape
+    return B, T, C, C // num_heads, num_windows, num_keys
+
+
+@torch.library.custom_op('focal_attention::fused_forward', mutates_args=())
+def fused_forward(qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor], position_bias: torch.Tensor,
+                  key_index: torch.Tensor, regions: Optional[torch.Tensor], fine_offsets: torch.Tensor,
+                  fine_slots: torch.Tensor, pooled_offsets: torch.Tensor, pooled_slots: torch.Tensor,
+                  num_heads: int, num_attended: int, zero_token: int, scale: float
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """qkv (B, T, 3C), pooled_kv (B, P, 2C), position_bias (nh, ws^2, S) fp32, key_index (nW, S),
+    regions (nW, ws^2). Returns out (B, T, C) and the log-sum-exp of each query's scores (B, T, nh)
+    fp32. The key users (inverse maps) are inputs only so that backward finds them."""
+    B, T, C, head_dim, num_windows, num_keys = _shape_args(qkv, key_index, num_heads)
+    area = position_bias.shape[1]
+    out = qkv.new_empty(B, T, C)
+    lse = qkv.new_empty(B, T, num_heads, dtype=torch.float32)
+    pooled = pooled_kv if pooled_kv is not None else qkv
+    config = _launch_config(qkv, area, num_keys, num_heads)
+    triton_kernels.focal_attention_forward_kernel[(B * num_windows, num_heads)](
+        qkv, pooled, position_bias, key_index, regions if regions is not None else key_index, out, lse,
+        qkv.stride(0), qkv.stride(1), pooled.stride(0), pooled.stride(1),
+        num_windows, T, zero_token, C, head_dim, num_heads, scale,
+        AREA=area, NUM_KEYS=num_keys, NUM_ATTENDED=num_attended, HAS_POOLED=pooled_kv is not None,
+        HAS_REGIONS=regions is not None, **config)
+    return out, lse
+
+
+@fused_forward.register_fake
+def _(qkv, pooled_kv, position_bias, key_index, regions, fine_offsets, fine_slots, pooled_offsets, pooled_slots,
+      num_heads, num_attended, zero_token, scale):
+    B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    return qkv.new_empty(B, T, C), qkv.new_empty(B, T, num_heads, dtype=torch.float32)
+
+
+def _backward_programs(qkv: torch.Tensor, total_windows: int, num_heads: int) -> Tuple[int, int]:
+    """(programs along the windows, windows per program) for backward: enough programs to fill the
+    device, each summing its windows' position-bias gradient once."""
+    if qkv.is_cuda:
+        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(qkv.device).multi_processor_count
+    else:
+        target = 8
+    windows_per_program = max(1, math.ceil(total_windows * num_heads / target))
+    return math.ceil(total_windows / windows_per_program), windows_per_program
+
+
+@torch.library.custom_op('focal_attention::fused_backward', mutates_args=())
+def fused_backward(grad_out: torch.Tensor, qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor],
+                   position_bias: torch.Tensor, key_index: torch.Tensor, regions: Optional[torch.Tensor],
+                   fine_offsets: torch.Tensor, fine_slots: torch.Tensor, pooled_offsets: torch.Tensor,
+                   pooled_slots: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
+                   num_attended: int, zero_token: int, scale: float
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of qkv (B, T, 3C), pooled_kv (B, P, 2C; empty without pooled tokens) and
+    position_bias (nh, ws^2, S) fp32."""
+    B, T, C, head_dim, num_windows, num_keys = _shape_args(qkv, key_index, num_heads)
+    area = position_bias.shape[1]
+    config = _launch_config(qkv, area, num_keys, num_heads)
+    delta = (grad_out.float() * out.float()).view(B, T, num_heads, head_dim).sum(-1)
+    total_windows = B * num_windows
+    programs, windows_per_program = _backward_programs(qkv, total_windows, num_heads)
+    grad_qkv = torch.empty_like(qkv)
+    multi_block = num_keys > config['BLOCK_N']
+    grad_q_scratch = qkv.new_empty(B, T, C if multi_block else 0, dtype=torch.float32)
+    grad_slots = qkv.new_empty(total_windows * num_keys, 2 * C)
+    grad_bias = qkv.new_empty(programs, num_heads, area, num_keys, dtype=torch.float32)
+    pooled = pooled_kv if pooled_kv is not None else qkv
+    triton_kernels.focal_attention_backward_kernel[(programs, num_heads)](
+        qkv, pooled, position_bias, key_index, regions if regions is not None else key_index, grad_out, lse, delta,
+        grad_qkv, grad_q_scratch, grad_slots, grad_bias,
+        qkv.stride(0), qkv.stride(1), pooled.stride(0), pooled.stride(1),
+        num_windows, total_windows, windows_per_program, T, zero_token, C, head_dim, num_heads, scale,
+        AREA=area, NUM_KEYS=num_keys, NUM_ATTENDED=num_attended, HAS_POOLED=pooled_kv is not None,
+        HAS_REGIONS=regions is not None, **config)
+
+    def sum_slots(offsets: torch.Tensor, slots: torch.Tensor, target: torch.Tensor) -> None:
+        if target.shape[1]:
+            triton_kernels.sum_slot_gradients_kernel[(target.shape[1], B)](
+                grad_slots, offsets, slots, target, target.stride(0), target.stride(1), num_windows * num_keys,
+                2 * C, BLOCK_C=_next_power_of_2(2 * C), num_warps=2)
+
+    sum_slots(fine_offsets, fine_slots, grad_qkv[:, :, C:])
+    grad_pooled = torch.empty_like(pooled_kv) if pooled_kv is not None else qkv.new_empty(0)
+    if pooled_kv is not None:
+        sum_slots(pooled_offsets, pooled_slots, grad_pooled)
+    return grad_qkv, grad_pooled, grad_bias.sum(0)
+
+
+@fused_backward.register_fake
+def _(grad_out, qkv, pooled_kv, position_bias, key_index, regions, fine_offsets, fine_slots, pooled_offsets,
+      pooled_slots, out, lse, num_heads, num_attended, zero_token, scale):
+    grad_pooled = torch.empty_like(pooled_kv) if pooled_kv is not None else qkv.new_empty(0)
+    return torch.empty_like(qkv), grad_pooled, torch.empty_like(position_bias, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    (qkv, pooled_kv, position_bias, key_index, regions, fine_offsets, fine_slots, pooled_offsets, pooled_slots,
+     num_heads, num_attended, zero_token, scale) = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, pooled_kv, position_bias, key_index, regions, fine_offsets, fine_slots,
+                          pooled_offsets, pooled_slots, out, lse)
+    ctx.scalars = (num_heads, num_attended, zero_token, scale)
+    ctx.has_pooled = pooled_kv is not None
+
+
+def _backward(ctx, grad_out, grad_lse):
+    qkv, pooled_kv, position_bias, key_index, regions, fo, fs, po, ps, out, lse = ctx.saved_tensors
+    grad_qkv, grad_pooled, grad_bias = torch.ops.focal_attention.fused_backward(
+        grad_out.to(qkv.dtype).contiguous(), qkv, pooled_kv, position_bias, key_index, regions, fo, fs, po, ps,
+        out, lse, *ctx.scalars)
+    return (grad_qkv, grad_pooled if ctx.has_pooled else None, grad_bias) + (None,) * 10
+
+
+fused_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.focal_attention.fused_forward)
+def _forward_flops(qkv_shape, pooled_shape, bias_shape, key_index_shape, *args, **kwargs) -> int:
+    """Two products per query and key slot over C channels (scores, then values), as SDPA counts
+    the same attention."""
+    B, T, C3 = qkv_shape
+    return 2 * 2 * B * T * key_index_shape[1] * (C3 // 3)
+
+
+@register_flop_formula(torch.ops.focal_attention.fused_backward)
+def _backward_flops(grad_out_shape, qkv_shape, pooled_shape, bias_shape, key_index_shape, *args, **kwargs) -> int:
+    """The four gradient products (values, scores, keys, queries), as SDPA's backward counts them."""
+    B, T, C3 = qkv_shape
+    return 4 * 2 * B * T * key_index_shape[1] * (C3 // 3)

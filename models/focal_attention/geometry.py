@@ -1,0 +1,264 @@
+"""Which keys each focal attention window sees, as index maps built once per feature-map size.
+
+Every window of ws x ws queries attends to, in this key order:
+  * its own ws^2 tokens (Swin's relative position bias; with a shifted block, Swin's region mask),
+  * its fine surroundings: the ring of `expand_size` tokens gathered from four corner-shifted
+    windows that wrap around the map cyclically, as the official `torch.roll`s do,
+  * for each pooled level k, the pooled tokens of a (focal_window + 2^k - 1)^2 neighbourhood of
+    sub-windows, as the official stride-2^k unfold takes them; neighbours outside the map are a
+    zero key masked by -100,
+  * zero keys masked by -inf up to a multiple of KEY_ALIGNMENT.
+
+A `WindowLayout` holds this for one map size in compact form: a (nW, S) map into the key/value
+source [fine map tokens, pooled tokens of each level, one zero token] and the region label of each
+window token. Layouts depend only on geometry, so every block with the same geometry shares one,
+from a bounded least-recently-used cache (`window_layout`).
+"""
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+MASKED = -100.0  # the official code's additive mask value (not -inf: a fully masked row stays finite)
+KEY_ALIGNMENT = 8  # keys per window rounded up to this: bias rows of 16-byte multiples in bf16/fp16
+MAX_CACHED_LAYOUTS = 64  # map sizes x geometries kept; the least recently used is dropped beyond
+
+
+def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
+    """Index into a ((query_size + key_size - 1) ** 2)-entry bias table for every (query, key)
+    pair of a query_size x query_size window and a key_size x key_size window, aligned at their
+    top-left corners. Returns (query_size**2, key_size**2) long."""
+    q = torch.stack(torch.meshgrid(torch.arange(query_size), torch.arange(query_size), indexing='ij')).flatten(1)
+    k = torch.stack(torch.meshgrid(torch.arange(key_size), torch.arange(key_size), indexing='ij')).flatten(1)
+    rel = q[:, :, None] - k[:, None, :] + (key_size - 1)
+    return rel[0] * (query_size + key_size - 1) + rel[1]
+
+
+def num_surrounding_keys(window_size: int, expand_size: int) -> int:
+    """Fine surrounding keys of a window: 4 corner shifts, each keeping the tokens it moves out."""
+    return 4 * window_size ** 2 - 4 * (window_size - expand_size) ** 2 if expand_size > 0 else 0
+
+
+def surrounding_offsets(window_size: int, expand_size: int) -> torch.Tensor:
+    """Offsets (dy, dx), relative to a window's top-left token, of its fine-grained surroundings,
+    in the official key order: for the four corner shifts (+e,+e), (+e,-e), (-e,+e), (-e,-e), the
+    window positions whose shifted token falls outside the window. Returns (4*ws^2 - 4*(ws-e)^2, 2)."""
+    ws, e = window_size, expand_size
+    r, c = torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing='ij')
+    offsets = []
+    for dy, dx in ((e, e), (e, -e), (-e, e), (-e, -e)):
+        outside_rows = r >= ws - e if dy > 0 else r < e
+        outside_cols = c >= ws - e if dx > 0 else c < e
+        keep = (outside_rows | outside_cols).flatten()
+        offsets.append(torch.stack([r.flatten() + dy, c.flatten() + dx], 1)[keep])
+    return torch.cat(offsets)
+
+
+def pooled_key_size(focal_window: int, level: int) -> int:
+    """Side of the square neighbourhood of pooled tokens a window attends to at pooled level k."""
+    return focal_window + 2 ** level - 1
+
+
+def pooled_neighbourhood(num_windows: Tuple[int, int], focal_window: int, level: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions in the pooled map of level k of each window's pooled keys, and whether each
+    lies inside the map. The pooled map has (nWh * 2^k, nWw * 2^k) tokens; window (wy, wx) sees the
+    pooled_key_size(fw, k)^2 tokens starting at (wy * 2^k - pad, wx * 2^k - pad), the neighbourhood
+    the official stride-2^k unfold takes. Returns two (nW, K^2) tensors: long positions, bool valid."""
+    nwh, nww = num_windows
+    stride = 2 ** level
+    kernel = 2 * (focal_window // 2) + 2 * stride - 1
+    pad = kernel // 2
+    size = pooled_key_size(focal_window, level)
+    first = kernel - size  # the unfold keeps kernel positions >= 2^k - 1
+    ky, kx = torch.meshgrid(torch.arange(size) + first - pad, torch.arange(size) + first - pad, indexing='ij')
+    wy, wx = torch.meshgrid(torch.arange(nwh) * stride, torch.arange(nww) * stride, indexing='ij')
+    py = wy.reshape(-1, 1) + ky.reshape(1, -1)
+    px = wx.reshape(-1, 1) + kx.reshape(1, -1)
+    height, width = nwh * stride, nww * stride
+    valid = (py >= 0) & (py < height) & (px >= 0) & (px < width)
+    return py.clamp(0, height - 1) * width + px.clamp(0, width - 1), valid
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * nW, ws, ws, C), windows in row-major order; H, W multiples of ws."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window_size, window_size, W // window_size, window_size, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, C)
+
+
+def shift_regions(height: int, width: int, window_size: int, shift_size: int) -> torch.Tensor:
+    """Swin's image regions of a (height, width) map already rolled by -shift_size, per window:
+    tokens of different regions must not attend to each other. Returns (nW, ws^2) int32 labels."""
+    region = torch.zeros(height, width, dtype=torch.int32)
+    bounds = (0, -window_size, -shift_size, None)
+    label = 0
+    for h0, h1 in zip(bounds[:-1], bounds[1:]):
+        for w0, w1 in zip(bounds[:-1], bounds[1:]):
+            region[h0:h1, w0:w1] = label
+            label += 1
+    return window_partition(region[None, :, :, None], window_size).flatten(1)
+
+
+@dataclass(frozen=True)
+class FocalGeometry:
+    """What decides a layer's key sets: its window, surroundings and pooled levels."""
+    window_size: int
+    expand_size: int
+    focal_window: int
+    num_pooled_levels: int
+    shift_size: int
+
+    @property
+    def num_attended_keys(self) -> int:
+        return (self.window_size ** 2 + num_surrounding_keys(self.window_size, self.expand_size)
+                + sum(pooled_key_size(self.focal_window, k) ** 2 for k in range(self.num_pooled_levels)))
+
+    @property
+    def num_keys(self) -> int:
+        """Key slots per window, padded to KEY_ALIGNMENT."""
+        return math.ceil(self.num_attended_keys / KEY_ALIGNMENT) * KEY_ALIGNMENT
+
+
+class KeyUsers:
+    """The inverse of a key index map, for summing key/value gradients per source token without
+    atomics: source token u is read by the flat key slots (window * S + slot)
+    slots[offsets[u]:offsets[u + 1]], in increasing order. Built from `source_index`, (nW, S)
+    positions into the U source tokens, -1 where a slot reads another source.
+    offsets: (U + 1,) int32; slots: (slots used,) int32."""
+
+    def __init__(self, source_index: torch.Tensor, num_sources: int):
+        flat = source_index.flatten().long()
+        used = flat >= 0
+        order = torch.argsort(flat.masked_fill(~used, num_sources), stable=True)
+        counts = torch.bincount(flat[used], minlength=num_sources)
+        self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+        self.slots = order[:int(used.sum())].to(torch.int32)
+        self.num_sources = num_sources
+
+
+class WindowLayout:
+    """Everything about one (H, W) map that a focal attention layer of one geometry needs, in
+    compact form (nothing per block, head or query-key pair):
+
+    key_index: (nW, S) int32 positions into the key/value source [Hp*Wp fine tokens, pooled tokens
+        of each level, one zero token at `zero_token`]. Pooled neighbours outside the map and the
+        alignment slots (>= num_attended) point at the zero token.
+    regions: (nW, ws^2) int32 shift-region labels of each window's tokens, or None without shift.
+    shift_gather / unshift_gather: (Hp*Wp,) / (H*W,) token gathers that replace the two cyclic
+        rolls of a shifted block (the second also crops the padding); None without shift.
+    """
+
+    def __init__(self, height: int, width: int, geometry: FocalGeometry, device: torch.device):
+        ws, shift = geometry.window_size, geometry.shift_size
+        padded_h, padded_w = math.ceil(height / ws) * ws, math.ceil(width / ws) * ws
+        nwh, nww = padded_h // ws, padded_w // ws
+        num_windows = nwh * nww
+        rows, cols = torch.meshgrid(torch.arange(nwh) * ws, torch.arange(nww) * ws, indexing='ij')
+        rows, cols = rows.reshape(-1, 1), cols.reshape(-1, 1)
+
+        offsets = [torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing='ij'), -1).reshape(-1, 2)]
+        if geometry.expand_size > 0:
+            offsets.append(surrounding_offsets(ws, geometry.expand_size))
+        offsets = torch.cat(offsets)
+        fine_rows = (rows + offsets[:, 0]) % padded_h  # wrapping as the official torch.roll does
+        fine_cols = (cols + offsets[:, 1]) % padded_w
+        key_index = [fine_rows * padded_w + fine_cols]
+
+        base = padded_h * padded_w
+        pooled_tokens = [num_windows * 4 ** level for level in range(geometry.num_pooled_levels)]
+        zero_token = base + sum(pooled_tokens)
+        for level, level_tokens in enumerate(pooled_tokens):
+            position, valid = pooled_neighbourhood((nwh, nww), geometry.focal_window, level)
+            key_index.append(torch.where(valid, base + position, zero_token))
+            base += level_tokens
+        key_index.append(torch.full((num_windows, geometry.num_keys - geometry.num_attended_keys), zero_token))
+
+        self.geometry = geometry
+        self.size = (height, width)
+        self.padded_size = (padded_h, padded_w)
+        self.num_windows = num_windows
+        self.window_area = ws * ws
+        self.num_keys = geometry.num_keys
+        self.num_attended = geometry.num_attended_keys
+        self.num_fine = padded_h * padded_w
+        self.zero_token = zero_token
+        self.key_index = torch.cat(key_index, 1).to(device=device, dtype=torch.int32)
+        self.regions = shift_regions(padded_h, padded_w, ws, shift).to(device) if shift else None
+        self.shift_gather = self.unshift_gather = None
+        if shift:
+            r, c = torch.arange(padded_h), torch.arange(padded_w)
+            shifted = ((r[:, None] + shift) % padded_h) * padded_w + (c[None, :] + shift) % padded_w
+            restored = ((r[:height, None] - shift) % padded_h) * padded_w + (c[None, :width] - shift) % padded_w
+            self.shift_gather = shifted.flatten().to(device)
+            self.unshift_gather = restored.flatten().to(device)
+        self._key_users: Optional[Tuple[KeyUsers, KeyUsers]] = None
+
+    def attention_mask(self) -> torch.Tensor:
+        """The layout's additive mask as one dense (nW, ws^2, S) float tensor, for attention
+        kernels that take a materialised bias: -100 across shift regions and for pooled
+        neighbours outside the map, -inf on alignment slots."""
+        area = self.window_area
+        outside = torch.where(self.key_index[:, area:] == self.zero_token, MASKED, 0.)
+        outside[:, self.num_attended - area:] = float('-inf')
+        outside = outside[:, None, :].expand(-1, area, -1)
+        if self.regions is None:
+            own = outside.new_zeros(self.num_windows, area, area)
+        else:
+            own = torch.where(self.regions[:, :, None] != self.regions[:, None, :], MASKED, 0.)
+        return torch.cat([own, outside], 2)
+
+    def nbytes(self) -> int:
+        """Bytes held by the layout's tensors."""
+        tensors = [self.key_index, self.regions, self.shift_gather, self.unshift_gather]
+        if self._key_users is not None:
+            tensors += [t for users in self._key_users for t in (users.offsets, users.slots)]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def key_users(self) -> Tuple[KeyUsers, KeyUsers]:
+        """Which key slots read each fine token and each pooled token (see `KeyUsers`), built on
+        first use by a backward that sums gradients per source token."""
+        if self._key_users is None:
+            with torch.inference_mode(False), torch.no_grad():
+                index = self.key_index.long()
+                fine = index.masked_fill(index >= self.num_fine, -1)
+                pooled = (index - self.num_fine).masked_fill((index < self.num_fine) | (index == self.zero_token), -1)
+                self._key_users = (KeyUsers(fine, self.num_fine), KeyUsers(pooled, self.zero_token - self.num_fine))
+        return self._key_users
+
+
+_LAYOUTS: 'OrderedDict[tuple, WindowLayout]' = OrderedDict()
+
+
+@torch.compiler.disable
+def _build_layout(key: tuple, height: int, width: int, geometry: FocalGeometry, device: torch.device) -> WindowLayout:
+    # Ordinary tensors even when first asked for under inference mode, so the layout can serve a
+    # later training step; built eagerly (outside any compiled graph) and cached.
+    with torch.inference_mode(False), torch.no_grad():
+        layout = WindowLayout(height, width, geometry, device)
+    _LAYOUTS[key] = layout
+    while len(_LAYOUTS) > MAX_CACHED_LAYOUTS:
+        _LAYOUTS.popitem(last=False)
+    return layout
+
+
+def window_layout(height: int, width: int, geometry: FocalGeometry, device: torch.device) -> WindowLayout:
+    """The shared layout of a (height, width) map (before padding to window multiples)."""
+    key = (height, width, geometry, device)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        return _build_layout(key, height, width, geometry, device)
+    if not torch.compiler.is_compiling():
+        _LAYOUTS.move_to_end(key)
+    return layout
+
+
+def clear_layout_cache() -> None:
+    """Drop every cached layout (they are rebuilt on demand)."""
+    _LAYOUTS.clear()
+
+
+def layout_cache_stats() -> Tuple[int, int]:
+    """(layouts cached, bytes their tensors hold)."""
+    return len(_LAYOUTS), sum(layout.nbytes() for layout in _LAYOUTS.values())
