@@ -16,7 +16,8 @@ from torchvision import transforms
 from config import ConfigError, get_defaults, merge_config_file, validate_config
 from data.build import build_transform
 
-# The README's fine-tuning example: no flips, milder crops, the data set's own statistics.
+# The AUG and DATA keys of the README's fine-tuning example: no flips, milder crops, the data
+# set's own statistics.
 FINE_TUNING_YAML = """AUG:
   HFLIP: 0.0
   SCALE: [0.5, 1.0]
