@@ -31,6 +31,9 @@ _C.DATA.DATASET = 'imagenet'
 _C.DATA.IMG_SIZE = 224
 # Resize interpolation: random, bilinear or bicubic.
 _C.DATA.INTERPOLATION = 'bicubic'
+# Per-channel (RGB) normalisation of training and evaluation images; default: ImageNet's.
+_C.DATA.MEAN = (0.485, 0.456, 0.406)
+_C.DATA.STD = (0.229, 0.224, 0.225)
 # Read train.zip / val.zip with train_map.txt / val_map.txt instead of folders.
 _C.DATA.ZIP_MODE = False
 # Zip mode only: 'no' reads from the zip each time, 'full' holds every image's bytes in memory,
@@ -145,6 +148,11 @@ _C.TRAIN.EMA.DECAY = 0.9998
 # Augmentation (timm create_transform and Mixup)
 # -----------------------------------------------------------------------------
 _C.AUG = CN()
+# Probability of a horizontal flip (0: never).
+_C.AUG.HFLIP = 0.5
+# Random-resized-crop ranges: area fraction of the image and aspect ratio (width / height).
+_C.AUG.SCALE = (0.08, 1.0)
+_C.AUG.RATIO = (3. / 4., 4. / 3.)
 _C.AUG.COLOR_JITTER = 0.4
 # RandAugment / AutoAugment policy string, or 'none'.
 _C.AUG.AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'
@@ -275,6 +283,30 @@ def validate_config(config: CN) -> None:
                           f"got {config.DATA.BATCH_SIZE}")
     if not 0.0 <= config.TRAIN.EMA.DECAY < 1.0:
         raise ConfigError(f"TRAIN.EMA.DECAY must be in [0, 1), got {config.TRAIN.EMA.DECAY!r}")
+    _validate_augmentation(config)
+
+
+def _numbers(value: Any, count: int) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == count
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value))
+
+
+def _validate_augmentation(config: CN) -> None:
+    """The flip probability, crop ranges and normalisation the transforms are built with."""
+    hflip = config.AUG.HFLIP
+    if not _numbers([hflip], 1) or not 0.0 <= hflip <= 1.0:
+        raise ConfigError(f"AUG.HFLIP must be a probability in [0, 1], got {hflip!r}")
+    scale, ratio = config.AUG.SCALE, config.AUG.RATIO
+    if not _numbers(scale, 2) or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f"AUG.SCALE must be [low, high] with 0 < low <= high <= 1, "
+                          f"got {scale!r}")
+    if not _numbers(ratio, 2) or not 0 < ratio[0] <= ratio[1]:
+        raise ConfigError(f"AUG.RATIO must be [low, high] with 0 < low <= high, got {ratio!r}")
+    mean, std = config.DATA.MEAN, config.DATA.STD
+    if not _numbers(mean, 3):
+        raise ConfigError(f"DATA.MEAN must be 3 numbers (R, G, B), got {mean!r}")
+    if not _numbers(std, 3) or min(std) <= 0:
+        raise ConfigError(f"DATA.STD must be 3 positive numbers (R, G, B), got {std!r}")
 
 
 def mixup_active(config: CN) -> bool:

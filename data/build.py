@@ -5,7 +5,6 @@ from typing import Optional, Tuple
 
 import torch
 from timm.data import Mixup, create_transform
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from yacs.config import CfgNode as CN
@@ -55,22 +54,29 @@ def prepare_demo_data(config: CN, is_main: bool) -> Tuple[str, bool]:
 
 
 def build_transform(is_train: bool, config: CN) -> transforms.Compose:
-    """timm's ImageNet training pipeline (random resized crop, flip, RandAugment, colour jitter,
-    random erasing), or resize + centre crop for evaluation. Images of 32 px or less use a
-    padded random crop instead of the resized crop, and no resizing for evaluation."""
+    """timm's ImageNet training pipeline (random resized crop within `AUG.SCALE` / `AUG.RATIO`,
+    flip with probability `AUG.HFLIP`, RandAugment, colour jitter, random erasing), or resize +
+    centre crop for evaluation; both normalise with `DATA.MEAN` / `DATA.STD`. Images of 32 px or
+    less use a padded random crop instead of the resized crop, and no resizing for evaluation."""
     img_size = config.DATA.IMG_SIZE
     resize_im = img_size > 32
+    mean, std = tuple(config.DATA.MEAN), tuple(config.DATA.STD)
     if is_train:
         aug = config.AUG
         transform = create_transform(
             input_size=img_size,
             is_training=True,
+            scale=tuple(aug.SCALE),
+            ratio=tuple(aug.RATIO),
+            hflip=aug.HFLIP,
             color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
             auto_augment=aug.AUTO_AUGMENT if aug.AUTO_AUGMENT != 'none' else None,
             re_prob=aug.REPROB,
             re_mode=aug.REMODE,
             re_count=aug.RECOUNT,
             interpolation=config.DATA.INTERPOLATION,
+            mean=mean,
+            std=std,
         )
         if not resize_im:
             transform.transforms[0] = transforms.RandomCrop(img_size, padding=4)
@@ -84,7 +90,7 @@ def build_transform(is_train: bool, config: CN) -> transforms.Compose:
                       transforms.CenterCrop(img_size)]
         else:
             steps.append(transforms.Resize((img_size, img_size), interpolation=interpolation))
-    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
     return transforms.Compose(steps)
 
 

@@ -4,8 +4,9 @@ ours, and draw the README plots (top-1 vs GFLOPs, top-1 vs measured throughput).
 Ours come from the run folders main.py writes, OUTPUT/<MODEL.NAME>/<TAG>/metrics.jsonl, one JSON
 line per evaluation (`acc1`, `max_acc1`, `epoch`, ...) plus `throughput` lines. Params and GFLOPs
 are measured live on the model each row's config builds. A row without a run shows "not run";
-nothing is filled in. Paper numbers marked † were not checked against the paper text here; paper
-numbers that could not be confirmed at all for the ablations are left out ("—").
+nothing is filled in. Paper columns are transcribed from the paper's tables; "—" marks a number
+the paper's table does not print. Tables 8-10 also give the paper's COCO box and mask AP, which
+this repository does not train.
 
     python scripts/make_tables.py [--output output] [--tag default]
                                   [--tables 2 8 9 10 fig5 released] [--plots docs/figures]
@@ -25,17 +26,16 @@ from config import get_defaults, merge_config_file, run_folder, validate_config 
 from models import build_model  # noqa: E402
 from models.complexity import count_gflops, count_params_m  # noqa: E402
 
-UNCHECKED = ('params', 'gflops', 'top1')
-
 
 @dataclass(frozen=True)
 class Paper:
-    """A row's numbers as the paper prints them; `unchecked` names those not confirmed against
-    the paper text (rendered with †)."""
+    """A row's numbers as its source prints them (the paper; for released checkpoints the
+    official README); None where it prints none. Box and mask AP: COCO, ablation tables only."""
     params: Optional[float] = None
     gflops: Optional[float] = None
     top1: Optional[float] = None
-    unchecked: Tuple[str, ...] = UNCHECKED
+    box_ap: Optional[float] = None
+    mask_ap: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -79,45 +79,47 @@ class Result:
         return max(epochs) if epochs else None
 
 
-# Paper numbers shared by Table 2 and the ablation rows that are the same model.
-SWIN_T = Paper(28, 4.5, 81.2)
+# Transcribed from the paper (Table 2; Tables 8-10 give their own rows below).
+SWIN_T = Paper(28.3, 4.5, 81.2)
 FOCAL_T = Paper(29.1, 4.9, 82.2)
-LEFT_OUT_NOTE = ('"—" in a paper column: the number could not be confirmed against the paper '
-                 'text here and is left out rather than guessed.')
+NOT_PRINTED_NOTE = '"—" in a paper column: the paper\'s table does not print that number.'
 FOCAL_OFFSET_NOTE = ('The paper prints about 0.2M more parameters for Focal models than the '
                      'official code builds (Focal-T: 29.1M vs 28.88M); our model reproduces the '
                      'official code.')
+AP_NOTE = ('Box / mask AP: the paper\'s COCO results (not trained here). The ablation tables do '
+           'not name the detector; their Swin-T and Focal-T rows equal Table 3\'s Mask R-CNN 1x '
+           'results (43.7 / 39.8 and 44.8 / 41.0).')
 
 TABLE_2 = Table(
     'Table 2: ImageNet-1K classification (224x224; ViT-Base/16 at 384)',
     (
-        Row('ResNet-50', 'configs/baselines/resnet50.yaml', Paper(25, 4.1, 76.2)),
-        Row('ResNet-101', 'configs/baselines/resnet101.yaml', Paper(45, 7.9, 77.4)),
-        Row('ResNet-152', 'configs/baselines/resnet152.yaml', Paper(60, 11.0, 78.3)),
-        Row('DeiT-Small/16', 'configs/baselines/deit_small.yaml', Paper(22, 4.6, 79.9)),
-        Row('DeiT-Base/16', 'configs/baselines/deit_base.yaml', Paper(87, 17.6, 81.8)),
-        Row('ViT-Base/16 (384)', 'configs/baselines/vit_base_384.yaml', Paper(86, 55.4, 77.9)),
-        Row('PVT-Small', None, Paper(25, 3.8, 79.8)),
-        Row('PVT-Medium', None, Paper(44, 6.7, 81.2)),
-        Row('PVT-Large', None, Paper(61, 9.8, 81.7)),
-        Row('ViL-Small', None, Paper(25, 4.9, 82.0)),
-        Row('ViL-Medium', None, Paper(40, 8.7, 83.3)),
-        Row('ViL-Base', None, Paper(56, 13.4, 83.2)),
-        Row('CvT-13', None, Paper(20, 4.5, 81.6)),
-        Row('CvT-21', None, Paper(32, 7.1, 82.5)),
+        Row('ResNet-50', 'configs/baselines/resnet50.yaml', Paper(25.0, 4.1, 76.2)),
+        Row('ResNet-101', 'configs/baselines/resnet101.yaml', Paper(45.0, 7.9, 77.4)),
+        Row('ResNet-152', 'configs/baselines/resnet152.yaml', Paper(60.0, 11.0, 78.3)),
+        Row('DeiT-Small/16', 'configs/baselines/deit_small.yaml', Paper(22.1, 4.6, 79.9)),
+        Row('DeiT-Base/16', 'configs/baselines/deit_base.yaml', Paper(86.6, 17.5, 81.8)),
+        Row('ViT-Base/16 (384)', 'configs/baselines/vit_base_384.yaml', Paper(86.6, 17.6, 77.9)),
+        Row('PVT-Small', None, Paper(24.5, 3.8, 79.8)),
+        Row('PVT-Medium', None, Paper(44.2, 6.7, 81.2)),
+        Row('PVT-Large', None, Paper(61.4, 9.8, 81.7)),
+        Row('ViL-Small', None, Paper(24.6, 5.1, 82.0)),
+        Row('ViL-Medium', None, Paper(39.7, 9.1, 83.3)),
+        Row('ViL-Base', None, Paper(55.7, 13.4, 83.2)),
+        Row('CvT-13', None, Paper(20.0, 4.5, 81.6)),
+        Row('CvT-21', None, Paper(32.0, 7.1, 82.5)),
         Row('Swin-Tiny', 'configs/baselines/swin_tiny.yaml', SWIN_T),
-        Row('Swin-Small', 'configs/baselines/swin_small.yaml', Paper(50, 8.7, 83.1)),
-        Row('Swin-Base', 'configs/baselines/swin_base.yaml', Paper(88, 15.4, 83.4)),
+        Row('Swin-Small', 'configs/baselines/swin_small.yaml', Paper(49.6, 8.7, 83.1)),
+        Row('Swin-Base', 'configs/baselines/swin_base.yaml', Paper(87.8, 15.4, 83.4)),
         Row('Focal-Tiny', 'configs/focal_tiny.yaml', FOCAL_T),
-        Row('Focal-Small', 'configs/focal_small.yaml',
-            Paper(51.1, 9.1, 83.5, unchecked=('gflops',))),
-        Row('Focal-Base', 'configs/focal_base.yaml',
-            Paper(89.8, 16.0, 83.8, unchecked=('gflops',))),
+        Row('Focal-Small', 'configs/focal_small.yaml', Paper(51.1, 9.1, 83.5)),
+        Row('Focal-Base', 'configs/focal_base.yaml', Paper(89.8, 16.0, 83.8)),
     ),
     (
         'PVT (v1), ViL and CvT are not in timm: not reproducible here, paper numbers only.',
         'Baselines are trained with the Focal recipe; the paper quotes each baseline\'s own '
         'recipe, so ResNet, DeiT and ViT numbers are expected to differ.',
+        'ViT-Base/16: the paper prints 17.6 GFLOPs and says only that ViT-Base/16, unlike the '
+        'other rows, is not at 224x224; our row is at 384.',
         'Focal-S/B GFLOPs: the official README prints 9.4G / 16.4G, as we measure.',
         FOCAL_OFFSET_NOTE,
     ),
@@ -126,37 +128,54 @@ TABLE_2 = Table(
 TABLE_8 = Table(
     'Table 8: window size (224x224)',
     (
-        Row('Swin-Tiny, window 7', 'configs/baselines/swin_tiny.yaml', SWIN_T),
-        Row('Swin-Tiny, window 14', 'configs/ablations/swin_tiny_window14.yaml'),
-        Row('Focal-Tiny, window 7', 'configs/focal_tiny.yaml', FOCAL_T),
-        Row('Focal-Tiny, window 14', 'configs/ablations/focal_tiny_window14.yaml'),
+        Row('Swin-Tiny, window 7', 'configs/baselines/swin_tiny.yaml',
+            Paper(gflops=4.5, top1=81.2, box_ap=43.7, mask_ap=39.8)),
+        Row('Swin-Tiny, window 14', 'configs/ablations/swin_tiny_window14.yaml',
+            Paper(gflops=4.9, top1=82.1, box_ap=44.0, mask_ap=40.5)),
+        Row('Focal-Tiny, window 7', 'configs/focal_tiny.yaml',
+            Paper(gflops=4.9, top1=82.2, box_ap=44.9, mask_ap=41.1)),
+        Row('Focal-Tiny, window 14', 'configs/ablations/focal_tiny_window14.yaml',
+            Paper(gflops=5.2, top1=82.3, box_ap=45.5, mask_ap=41.5)),
     ),
     ('Focal-T at window 14 keeps the focal windows [7, 5, 3, 1]: the paper does not say which it '
-     'used.', LEFT_OUT_NOTE),
+     'used.',
+     'The paper\'s Table 8 prints 44.9 / 41.1 AP for Focal-T at window 7, its Tables 3, 9 and 10 '
+     '44.8 / 41.0 for the same default model.',
+     AP_NOTE, NOT_PRINTED_NOTE),
 )
 
 TABLE_9 = Table(
     'Table 9: window shift',
     (
-        Row('Swin-Tiny, shift', 'configs/baselines/swin_tiny.yaml', SWIN_T),
-        Row('Swin-Tiny, no shift', 'configs/ablations/swin_tiny_noshift.yaml'),
-        Row('Focal-Tiny, shift', 'configs/ablations/focal_tiny_shift.yaml'),
-        Row('Focal-Tiny, no shift (default)', 'configs/focal_tiny.yaml', FOCAL_T),
+        Row('Swin-Tiny, shift', 'configs/baselines/swin_tiny.yaml',
+            Paper(top1=81.2, box_ap=43.7, mask_ap=39.8)),
+        Row('Swin-Tiny, no shift', 'configs/ablations/swin_tiny_noshift.yaml',
+            Paper(top1=80.2, box_ap=38.8, mask_ap=36.4)),
+        Row('Focal-Tiny, shift', 'configs/ablations/focal_tiny_shift.yaml',
+            Paper(top1=81.9, box_ap=44.9, mask_ap=41.1)),
+        Row('Focal-Tiny, no shift (default)', 'configs/focal_tiny.yaml',
+            Paper(top1=82.2, box_ap=44.8, mask_ap=41.0)),
     ),
-    (LEFT_OUT_NOTE,),
+    (AP_NOTE, NOT_PRINTED_NOTE),
 )
 
 TABLE_10 = Table(
     'Table 10: stage depths',
     (
-        Row('Swin, 2-2-2-2', 'configs/ablations/swin_tiny_depth2222.yaml'),
-        Row('Swin, 2-2-4-2', 'configs/ablations/swin_tiny_depth2242.yaml'),
-        Row('Swin, 2-2-6-2 (Swin-T)', 'configs/baselines/swin_tiny.yaml', SWIN_T),
-        Row('Focal, 2-2-2-2', 'configs/ablations/focal_tiny_depth2222.yaml'),
-        Row('Focal, 2-2-4-2', 'configs/ablations/focal_tiny_depth2242.yaml'),
-        Row('Focal, 2-2-6-2 (Focal-T)', 'configs/focal_tiny.yaml', FOCAL_T),
+        Row('Swin, 2-2-2-2', 'configs/ablations/swin_tiny_depth2222.yaml',
+            Paper(21.2, 3.1, 78.7, 38.2, 35.7)),
+        Row('Swin, 2-2-4-2', 'configs/ablations/swin_tiny_depth2242.yaml',
+            Paper(24.7, 3.8, 80.2, 41.2, 38.1)),
+        Row('Swin, 2-2-6-2 (Swin-T)', 'configs/baselines/swin_tiny.yaml',
+            Paper(28.3, 4.5, 81.2, 43.7, 39.8)),
+        Row('Focal, 2-2-2-2', 'configs/ablations/focal_tiny_depth2222.yaml',
+            Paper(21.7, 3.4, 79.9, 40.5, 37.6)),
+        Row('Focal, 2-2-4-2', 'configs/ablations/focal_tiny_depth2242.yaml',
+            Paper(25.4, 4.1, 81.4, 43.3, 39.8)),
+        Row('Focal, 2-2-6-2 (Focal-T)', 'configs/focal_tiny.yaml',
+            Paper(29.1, 4.9, 82.2, 44.8, 41.0)),
     ),
-    (FOCAL_OFFSET_NOTE, LEFT_OUT_NOTE),
+    (FOCAL_OFFSET_NOTE, AP_NOTE),
 )
 
 FIGURE_5 = Table(
@@ -166,14 +185,15 @@ FIGURE_5 = Table(
         Row('Focal-Tiny, global only', 'configs/ablations/focal_tiny_global_only.yaml'),
         Row('Focal-Tiny, both (default)', 'configs/focal_tiny.yaml', FOCAL_T),
     ),
+    ('Focal-Tiny, both: the paper\'s Table 2 numbers.',),
 )
 
 RELEASED = Table(
     'Released checkpoints (top-1 as the official README reports it; ours: tag "released")',
     (
-        Row('Focal-Tiny', 'configs/focal_tiny.yaml', Paper(28.9, 4.9, 82.2, unchecked=())),
-        Row('Focal-Small', 'configs/focal_small.yaml', Paper(51.1, 9.4, 83.6, unchecked=())),
-        Row('Focal-Base', 'configs/focal_base.yaml', Paper(89.8, 16.4, 84.0, unchecked=())),
+        Row('Focal-Tiny', 'configs/focal_tiny.yaml', Paper(28.9, 4.9, 82.2)),
+        Row('Focal-Small', 'configs/focal_small.yaml', Paper(51.1, 9.4, 83.6)),
+        Row('Focal-Base', 'configs/focal_base.yaml', Paper(89.8, 16.4, 84.0)),
     ),
 )
 
@@ -238,10 +258,7 @@ def _number(value: Optional[float], digits: int = 1) -> str:
 
 def _paper_cell(paper: Paper, name: str) -> str:
     value = getattr(paper, name)
-    if value is None:
-        return '—'
-    text = f'{value:g}' if name == 'params' else f'{value:.1f}'
-    return text + ('†' if name in paper.unchecked else '')
+    return '—' if value is None else f'{value:.1f}'
 
 
 def top1_cell(result: Result) -> str:
@@ -260,28 +277,30 @@ def top1_cell(result: Result) -> str:
 
 
 def render_table(table: Table, results: Sequence[Result]) -> str:
-    """One table in Markdown: paper and ours side by side, then the table's notes."""
-    lines = [
-        f'### {table.title}',
-        '',
-        '| Model | Params (M) paper | ours | GFLOPs paper | ours | Top-1 paper | ours '
-        '| img/s ours |',
-        '|---|---:|---:|---:|---:|---:|---:|---:|',
-    ]
+    """One table in Markdown: paper and ours side by side, the paper's box and mask AP when the
+    table has any, then the table's notes."""
+    with_ap = any(r.row.paper.box_ap is not None or r.row.paper.mask_ap is not None
+                  for r in results)
+    header = ('| Model | Params (M) paper | ours | GFLOPs paper | ours | Top-1 paper | ours '
+              '| img/s ours |')
+    rule = '|---|---:|---:|---:|---:|---:|---:|---:|'
+    if with_ap:
+        header += ' Box AP paper | Mask AP paper |'
+        rule += '---:|---:|'
+    lines = [f'### {table.title}', '', header, rule]
     for result in results:
         paper = result.row.paper
-        lines.append('| ' + ' | '.join([
+        cells = [
             result.row.label,
             _paper_cell(paper, 'params'), _number(result.params, 2),
             _paper_cell(paper, 'gflops'), _number(result.gflops, 2),
             _paper_cell(paper, 'top1'), top1_cell(result),
             _number(result.throughput, 0),
-        ]) + ' |')
-    notes = list(table.notes)
-    if any(getattr(r.row.paper, name) is not None
-           for r in results for name in r.row.paper.unchecked):
-        notes.append('†: not checked against the paper text.')
-    lines += [''] + [f'- {note}' for note in notes]
+        ]
+        if with_ap:
+            cells += [_paper_cell(paper, 'box_ap'), _paper_cell(paper, 'mask_ap')]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    lines += [''] + [f'- {note}' for note in table.notes]
     return '\n'.join(lines) + '\n'
 
 

@@ -232,6 +232,102 @@ def test_eval_released_evaluates_each_checkpoint_it_downloads(tmp_path):
                for command in commands if '--cfg' in command)
 
 
+# The paper's numbers, typed in a second time from the paper's text: (params M, GFLOPs, top-1)
+# for Table 2; Tables 8-10 add COCO box and mask AP, None where the paper's table prints nothing.
+PAPER_TABLE_2 = {
+    'ResNet-50': (25.0, 4.1, 76.2), 'ResNet-101': (45.0, 7.9, 77.4),
+    'ResNet-152': (60.0, 11.0, 78.3), 'DeiT-Small/16': (22.1, 4.6, 79.9),
+    'DeiT-Base/16': (86.6, 17.5, 81.8), 'ViT-Base/16 (384)': (86.6, 17.6, 77.9),
+    'PVT-Small': (24.5, 3.8, 79.8), 'PVT-Medium': (44.2, 6.7, 81.2), 'PVT-Large': (61.4, 9.8, 81.7),
+    'ViL-Small': (24.6, 5.1, 82.0), 'ViL-Medium': (39.7, 9.1, 83.3), 'ViL-Base': (55.7, 13.4, 83.2),
+    'CvT-13': (20.0, 4.5, 81.6), 'CvT-21': (32.0, 7.1, 82.5), 'Swin-Tiny': (28.3, 4.5, 81.2),
+    'Swin-Small': (49.6, 8.7, 83.1), 'Swin-Base': (87.8, 15.4, 83.4),
+    'Focal-Tiny': (29.1, 4.9, 82.2), 'Focal-Small': (51.1, 9.1, 83.5),
+    'Focal-Base': (89.8, 16.0, 83.8),
+}
+PAPER_ABLATIONS = {
+    '8': {
+        'Swin-Tiny, window 7': (None, 4.5, 81.2, 43.7, 39.8),
+        'Swin-Tiny, window 14': (None, 4.9, 82.1, 44.0, 40.5),
+        'Focal-Tiny, window 7': (None, 4.9, 82.2, 44.9, 41.1),
+        'Focal-Tiny, window 14': (None, 5.2, 82.3, 45.5, 41.5),
+    },
+    '9': {
+        'Swin-Tiny, shift': (None, None, 81.2, 43.7, 39.8),
+        'Swin-Tiny, no shift': (None, None, 80.2, 38.8, 36.4),
+        'Focal-Tiny, shift': (None, None, 81.9, 44.9, 41.1),
+        'Focal-Tiny, no shift (default)': (None, None, 82.2, 44.8, 41.0),
+    },
+    '10': {
+        'Swin, 2-2-2-2': (21.2, 3.1, 78.7, 38.2, 35.7),
+        'Swin, 2-2-4-2': (24.7, 3.8, 80.2, 41.2, 38.1),
+        'Swin, 2-2-6-2 (Swin-T)': (28.3, 4.5, 81.2, 43.7, 39.8),
+        'Focal, 2-2-2-2': (21.7, 3.4, 79.9, 40.5, 37.6),
+        'Focal, 2-2-4-2': (25.4, 4.1, 81.4, 43.3, 39.8),
+        'Focal, 2-2-6-2 (Focal-T)': (29.1, 4.9, 82.2, 44.8, 41.0),
+    },
+}
+
+
+def paper_numbers(table: make_tables.Table, fields: tuple) -> dict:
+    return {row.label: tuple(getattr(row.paper, name) for name in fields) for row in table.rows}
+
+
+def test_table_2_paper_columns_are_the_papers():
+    assert paper_numbers(make_tables.TABLE_2, ('params', 'gflops', 'top1')) == PAPER_TABLE_2
+
+
+@pytest.mark.parametrize('key', sorted(PAPER_ABLATIONS))
+def test_ablation_paper_columns_are_the_papers(key):
+    fields = ('params', 'gflops', 'top1', 'box_ap', 'mask_ap')
+    assert paper_numbers(make_tables.TABLES[key], fields) == PAPER_ABLATIONS[key]
+
+
+@pytest.mark.parametrize('key', ['2', '8', '9', '10'])
+def test_rendered_paper_columns_show_the_papers_numbers_without_marks(key):
+    table = make_tables.TABLES[key]
+    markdown = make_tables.render_table(table, [make_tables.Result(row) for row in table.rows])
+    assert '†' not in markdown
+    header = next(line for line in markdown.splitlines() if line.startswith('| Model'))
+    columns = [cell.strip() for cell in header.split('|')[1:-1]]
+    paper = {'Params (M) paper': 'params', 'GFLOPs paper': 'gflops', 'Top-1 paper': 'top1',
+             'Box AP paper': 'box_ap', 'Mask AP paper': 'mask_ap'}
+    assert ('Box AP paper' in columns) == (key != '2')
+    for line in markdown.splitlines()[4:4 + len(table.rows)]:
+        cells = dict(zip(columns, (cell.strip() for cell in line.split('|')[1:-1])))
+        row = next(row for row in table.rows if row.label == cells['Model'])
+        for column, name in paper.items():
+            value = getattr(row.paper, name)
+            if column in cells:
+                assert cells[column] == ('—' if value is None else f'{value:.1f}'), column
+
+
+# The paper's COCO rows for Focal backbones, typed in a second time from its Tables 3, 4 and 5.
+PAPER_DETECTION_FOCAL_ROWS = [
+    ['Focal-Tiny', '43.7 (+1.7)', '44.8 (+1.1)', '41.0 (+1.3)'],
+    ['Focal-Small', '45.6 (+0.6)', '47.4 (+0.9)', '42.8 (+0.7)'],
+    ['Focal-Base', '46.3 (+1.3)', '47.8 (+0.9)', '43.2 (+0.9)'],
+    ['Focal-Tiny', '39.4/48.8', '265/291', '45.5', '66.3', '48.8', '31.2', '49.2', '58.7', '47.2',
+     '69.4', '51.9', '42.7', '66.5', '45.9'],
+    ['Focal-Small', '61.7/71.2', '367/401', '47.3', '67.8', '51.0', '31.6', '50.9', '61.1', '48.8',
+     '70.5', '53.6', '43.8', '67.7', '47.2'],
+    ['Focal-Base', '100.8/110.0', '514/533', '46.9', '67.8', '50.3', '31.9', '50.3', '61.5', '49.0',
+     '70.1', '53.6', '43.7', '67.6', '47.0'],
+    ['Cascade Mask R-CNN', 'Focal-T', '86.7', '770', '51.5 (+1.0)', '70.6', '55.9'],
+    ['ATSS', 'Focal-T', '36.8', '239', '49.5 (+2.3)', '68.8', '53.9'],
+    ['RepPointsV2', 'Focal-T', '45.4', '491', '51.2 (+1.2)', '70.4', '54.9'],
+    ['Sparse R-CNN', 'Focal-T', '110.8', '196', '49.0 (+1.1)', '69.1', '53.2'],
+]
+
+
+def test_detection_doc_gives_the_papers_focal_rows():
+    with open(os.path.join(REPO, 'docs', 'detection.md')) as f:
+        section = f.read().split("## The paper's detection results")[1].split('\n## ')[0]
+    rows = [[cell.strip() for cell in line.split('|')[1:-1]]
+            for line in section.splitlines() if line.startswith('| ') and 'Focal' in line]
+    assert rows == PAPER_DETECTION_FOCAL_ROWS
+
+
 @pytest.fixture(scope='module')
 def demo_run(tmp_path_factory):
     """A one-epoch CPU training run of the demo model on a tiny demo dataset, then a throughput
@@ -270,7 +366,7 @@ def test_make_tables_renders_a_table_and_plots_from_a_real_run(demo_run, tmp_pat
     rows = {line.split('|')[1].strip(): [cell.strip() for cell in line.split('|')[2:-1]]
             for line in markdown.splitlines() if line.startswith('| ') and '---' not in line}
     demo_params = f'{params_m("configs/demo.yaml"):.2f}'
-    assert rows['Demo'] == ['1.5†', demo_params, '0.1†', rows['Demo'][3], '99.9†', f'{acc1:.2f}',
+    assert rows['Demo'] == ['1.5', demo_params, '0.1', rows['Demo'][3], '99.9', f'{acc1:.2f}',
                             f'{throughput:.0f}']
     assert float(rows['Demo'][3]) > 0
     assert rows['Demo, never trained'][5] == 'not run' and rows['Demo, never trained'][6] == '—'
