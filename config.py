@@ -93,6 +93,8 @@ _C.MODEL.FOCAL.USE_CONV_EMBED = False
 _C.MODEL.FOCAL.USE_LAYERSCALE = False
 _C.MODEL.FOCAL.LAYERSCALE_VALUE = 1e-4
 _C.MODEL.FOCAL.USE_PRE_NORM = False
+# How focal attention runs: 'auto' (the fused Triton kernel where it can run, else SDPA), 'sdpa', 'fused'.
+_C.MODEL.FOCAL.ATTN_BACKEND = 'auto'
 
 # timm baselines (MODEL.TYPE timm): timm.create_model(NAME, **KWARGS).
 _C.MODEL.TIMM = CN()
@@ -198,6 +200,7 @@ _C.LOCAL_RANK = 0
 
 _CHOICES = {
     'MODEL.TYPE': ('focal', 'timm'),
+    'MODEL.FOCAL.ATTN_BACKEND': ('auto', 'sdpa', 'fused'),
     'DATA.CACHE_MODE': ('no', 'full', 'part'),
     'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic'),
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step'),

@@ -36,6 +36,7 @@ def focal_kwargs_from_config(config) -> dict:
         use_layerscale=focal.USE_LAYERSCALE,
         layerscale_value=focal.LAYERSCALE_VALUE,
         use_pre_norm=focal.USE_PRE_NORM,
+        attn_backend=focal.ATTN_BACKEND,
     )
 
 

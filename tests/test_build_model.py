@@ -26,9 +26,11 @@ def test_focal_config_builds_focal_transformer_with_its_keys():
     config = micro_config('focal')
     config.MODEL.FOCAL.FOCAL_POOL = 'fc'
     config.MODEL.FOCAL.FOCAL_LEVELS = [3, 3, 3, 3]
+    config.MODEL.FOCAL.ATTN_BACKEND = 'sdpa'
     config.TRAIN.USE_CHECKPOINT = True
     model = build_model(config)
     assert isinstance(model, FocalTransformer)
+    assert model.layers[0].blocks[0].attn.attn_backend == 'sdpa'
     assert model.head.out_features == 5
     assert model.layers[0].blocks[0].attn.num_pooled_levels == 2
     assert all(stage.use_checkpoint for stage in model.layers)

@@ -30,19 +30,28 @@ _logger = logging.getLogger(__name__)
 
 ATTN_BACKENDS = ('auto', 'sdpa', 'fused')
 _CHOICES: Dict[tuple, str] = {}
+_LOGGED = set()
+
+
+def _log_once(level: int, message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        _logger.log(level, message)
 
 
 @torch.compiler.disable
 def _choose(key: tuple, requested: str, qkv: torch.Tensor, layout: WindowLayout, num_heads: int,
             dropout_p: float) -> str:
-    reason = None if requested == 'sdpa' else unavailable_reason(qkv, layout, num_heads, dropout_p)
+    reason = None if requested == 'sdpa' else unavailable_reason(qkv, layout, num_heads, dropout_p,
+                                                                  allow_interpreter=requested == 'fused')
     chosen = 'fused' if requested != 'sdpa' and reason is None else 'sdpa'
-    what = f'{qkv.device.type} {str(qkv.dtype).replace("torch.", "")}, {layout.window_area}-token windows'
+    where = f'{qkv.device.type} {str(qkv.dtype).replace("torch.", "")}'
     if requested == 'fused' and reason is not None:
-        _logger.warning('focal attention: the fused kernel cannot run %s (%s): using SDPA', what, reason)
+        _log_once(logging.WARNING, f'focal attention: the fused kernel cannot run {where} inputs ({reason}): using SDPA')
+    elif requested == 'auto' and reason is not None:
+        _log_once(logging.INFO, f'focal attention on {where}: SDPA (the fused kernel cannot run: {reason})')
     else:
-        _logger.info('focal attention (%s): %s%s', what, 'fused Triton kernel' if chosen == 'fused' else 'SDPA',
-                     f' (fused kernel: {reason})' if reason and requested == 'auto' else '')
+        _log_once(logging.INFO, f'focal attention on {where}: {"fused Triton kernel" if chosen == "fused" else "SDPA"}')
     _CHOICES[key] = chosen
     return chosen
 

@@ -26,13 +26,15 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PROGRAMS_PER_SM = 8  # backward: programs to keep in flight per multiprocessor
 
 
-def unavailable_reason(qkv: torch.Tensor, layout: WindowLayout, num_heads: int, dropout_p: float) -> Optional[str]:
-    """Why the fused kernel cannot run these inputs, or None when it can."""
+def unavailable_reason(qkv: torch.Tensor, layout: WindowLayout, num_heads: int, dropout_p: float,
+                       allow_interpreter: bool = True) -> Optional[str]:
+    """Why the fused kernel cannot run these inputs, or None when it can. allow_interpreter: CPU
+    inputs count as runnable under TRITON_INTERPRET=1 (slow: for tests, not for 'auto')."""
     if triton_kernels is None:
         return 'Triton is not installed'
-    interpreting = os.environ.get('TRITON_INTERPRET') == '1'
+    interpreting = allow_interpreter and os.environ.get('TRITON_INTERPRET') == '1'
     if qkv.device.type != 'cuda' and not (interpreting and qkv.device.type == 'cpu'):
-        return f'inputs on {qkv.device.type} (it needs CUDA, or TRITON_INTERPRET=1 on the CPU)'
+        return f'inputs on {qkv.device.type} (it needs CUDA{", or TRITON_INTERPRET=1 on the CPU" if allow_interpreter else ""})'
     if qkv.dtype not in DTYPES:
         return f'dtype {qkv.dtype}'
     if layout.window_area > MAX_WINDOW_AREA:
