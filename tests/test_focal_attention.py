@@ -135,6 +135,19 @@ def test_fused_model_gives_the_sdpa_model_output_and_every_parameter_gradient():
         assert relative_error(grad, reference_grads[name]) < 1e-4, name
 
 
+def test_compiled_fused_model_trains_with_the_eager_gradients_in_one_graph():
+    """The custom op stays inside a fullgraph torch.compile graph (layouts exist after one eager
+    forward) and its registered backward gives the eager gradients."""
+    torch.manual_seed(0)
+    model = FocalTransformer(**{**MICRO, 'depths': [1, 1, 1, 1]}, attn_backend='fused')
+    images = torch.randn(2, 3, 32, 32)
+    _, eager = model_output_and_gradients(model, images, 'fused')
+    model.zero_grad()
+    torch.compile(model, fullgraph=True)(images).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert relative_error(p.grad, eager[name]) < 1e-5, name
+
+
 def test_backends_share_one_checkpoint():
     torch.manual_seed(0)
     sdpa_model = FocalTransformer(**MICRO, attn_backend='sdpa').eval()

@@ -49,7 +49,7 @@ def unavailable_reason(qkv: torch.Tensor, layout: WindowLayout, num_heads: int, 
 def fused_focal_attention(qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor], position_bias: torch.Tensor,
                           layout: WindowLayout, num_heads: int, scale: float) -> torch.Tensor:
     """See `focal_attention`."""
-    fine_users, pooled_users = layout.key_users()
+    fine_users, pooled_users = layout.fine_users, layout.pooled_users
     if pooled_kv is not None:
         pooled_kv = pooled_kv.to(qkv.dtype).contiguous()
     out, _ = torch.ops.focal_attention.fused_forward(

@@ -17,7 +17,7 @@ from a bounded least-recently-used cache (`window_layout`).
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
@@ -148,6 +148,8 @@ class WindowLayout:
     regions: (nW, ws^2) int32 shift-region labels of each window's tokens, or None without shift.
     shift_gather / unshift_gather: (Hp*Wp,) / (H*W,) token gathers that replace the two cyclic
         rolls of a shifted block (the second also crops the padding); None without shift.
+    fine_users / pooled_users: which key slots read each fine and each pooled token (`KeyUsers`),
+        for a backward that sums key and value gradients per source token.
     """
 
     def __init__(self, height: int, width: int, geometry: FocalGeometry, device: torch.device):
@@ -193,7 +195,10 @@ class WindowLayout:
             restored = ((r[:height, None] - shift) % padded_h) * padded_w + (c[None, :width] - shift) % padded_w
             self.shift_gather = shifted.flatten().to(device)
             self.unshift_gather = restored.flatten().to(device)
-        self._key_users: Optional[Tuple[KeyUsers, KeyUsers]] = None
+        index = self.key_index.long()
+        self.fine_users = KeyUsers(index.masked_fill(index >= self.num_fine, -1), self.num_fine)
+        self.pooled_users = KeyUsers((index - self.num_fine).masked_fill((index < self.num_fine) | (index == zero_token), -1),
+                                     zero_token - self.num_fine)
 
     def attention_mask(self) -> torch.Tensor:
         """The layout's additive mask as one dense (nW, ws^2, S) float tensor, for attention
@@ -211,21 +216,9 @@ class WindowLayout:
 
     def nbytes(self) -> int:
         """Bytes held by the layout's tensors."""
-        tensors = [self.key_index, self.regions, self.shift_gather, self.unshift_gather]
-        if self._key_users is not None:
-            tensors += [t for users in self._key_users for t in (users.offsets, users.slots)]
+        tensors = [self.key_index, self.regions, self.shift_gather, self.unshift_gather, self.fine_users.offsets,
+                   self.fine_users.slots, self.pooled_users.offsets, self.pooled_users.slots]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-    def key_users(self) -> Tuple[KeyUsers, KeyUsers]:
-        """Which key slots read each fine token and each pooled token (see `KeyUsers`), built on
-        first use by a backward that sums gradients per source token."""
-        if self._key_users is None:
-            with torch.inference_mode(False), torch.no_grad():
-                index = self.key_index.long()
-                fine = index.masked_fill(index >= self.num_fine, -1)
-                pooled = (index - self.num_fine).masked_fill((index < self.num_fine) | (index == self.zero_token), -1)
-                self._key_users = (KeyUsers(fine, self.num_fine), KeyUsers(pooled, self.zero_token - self.num_fine))
-        return self._key_users
 
 
 _LAYOUTS: 'OrderedDict[tuple, WindowLayout]' = OrderedDict()
