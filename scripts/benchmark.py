@@ -6,6 +6,11 @@ CPU: fp32. CUDA: bf16 autocast, eager and (with --compile) torch.compile'd.
     python scripts/benchmark.py                       # CPU, batch 8, all three sizes
     python scripts/benchmark.py --device cuda --batch-size 128 --compile
     python scripts/benchmark.py --sizes tiny --mode inference --iters 20
+    python scripts/benchmark.py --device cuda --sizes tiny --attn-backend fused sdpa   # one row each
+
+--attn-backend sets the Focal models' attention backend (see models/focal_attention): 'auto' runs
+the fused Triton kernel on CUDA and SDPA on CPUs. scripts/benchmark_attention.py times the
+attention op alone.
 """
 import argparse
 import multiprocessing
@@ -60,10 +65,12 @@ def measure(step: Callable[[], None], device: torch.device, batch_size: int, war
 
 
 def benchmark_model(name: str, mode: str, args: argparse.Namespace, device: torch.device,
-                    dtype: Optional[torch.dtype], compiled: bool) -> Measurement:
-    """Runs in a fresh process (see `in_fresh_process`), so the peak memory is this model's."""
+                    dtype: Optional[torch.dtype], compiled: bool, attn_backend: Optional[str] = None) -> Measurement:
+    """Runs in a fresh process (see `in_fresh_process`), so the peak memory is this model's.
+    attn_backend: for Focal models."""
     torch.set_num_threads(args.threads)
-    model = timm.create_model(name, num_classes=1000).to(device)
+    kwargs = dict(attn_backend=attn_backend) if attn_backend else {}
+    model = timm.create_model(name, num_classes=1000, **kwargs).to(device)
     runner = torch.compile(model) if compiled else model
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     labels = torch.randint(0, 1000, (args.batch_size,), device=device)
@@ -121,6 +128,8 @@ def main() -> None:
     parser.add_argument('--warmup', type=int, default=None, help='default 10 on CUDA, 2 on CPU')
     parser.add_argument('--iters', type=int, default=None, help='default 30 on CUDA, 5 on CPU')
     parser.add_argument('--threads', type=int, default=torch.get_num_threads(), help='CPU threads')
+    parser.add_argument('--attn-backend', nargs='+', choices=['auto', 'sdpa', 'fused'], default=['auto'],
+                        help='Focal attention backends to measure (a row each)')
     args = parser.parse_args()
     device = torch.device(args.device)
     on_cuda = device.type == 'cuda'
@@ -137,17 +146,19 @@ def main() -> None:
           f'{"bf16 autocast" if dtype else f"fp32, {args.threads} threads"}; each measurement in a fresh process; '
           f'Swin attention {swin_attention()}')
     print()
-    print('| model | mode | compiled | focal img/s | swin img/s | focal/swin | focal peak MiB | swin peak MiB | peak ratio |')
-    print('| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |')
+    print('| model | mode | compiled | focal attention | focal img/s | swin img/s | focal/swin | focal peak MiB '
+          '| swin peak MiB | peak ratio |')
+    print('| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |')
     for size in args.sizes:
         focal, swin = PAIRS[size]
         for mode in args.mode:
             for compiled in variants:
-                f = in_fresh_process(benchmark_model, focal, mode, args, device, dtype, compiled)
                 s = in_fresh_process(benchmark_model, swin, mode, args, device, dtype, compiled)
-                peak = f'{f.peak_mib:.0f} | {s.peak_mib:.0f} | {f.peak_mib / s.peak_mib:.2f}'
-                print(f'| {size} | {mode} | {"yes" if compiled else "no"} | {f.images_per_s:.1f} | '
-                      f'{s.images_per_s:.1f} | {f.images_per_s / s.images_per_s:.2f} | {peak} |', flush=True)
+                for backend in args.attn_backend:
+                    f = in_fresh_process(benchmark_model, focal, mode, args, device, dtype, compiled, backend)
+                    peak = f'{f.peak_mib:.0f} | {s.peak_mib:.0f} | {f.peak_mib / s.peak_mib:.2f}'
+                    print(f'| {size} | {mode} | {"yes" if compiled else "no"} | {backend} | {f.images_per_s:.1f} | '
+                          f'{s.images_per_s:.1f} | {f.images_per_s / s.images_per_s:.2f} | {peak} |', flush=True)
 
 
 if __name__ == '__main__':
