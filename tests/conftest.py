@@ -1,14 +1,20 @@
-"""Shared pieces of the training-code tests: a micro Focal config, tiny generated datasets and
-an in-process `main.py` runner."""
+"""Shared pieces of the tests: the micro Focal Transformers (as constructor arguments for model
+tests, as a YAML config for training runs), tiny generated datasets and an in-process `main.py`
+runner. Test files import these names from `conftest`."""
 import os
 import subprocess
 import sys
 from typing import List
 
+import pytest
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# A four-stage Focal Transformer small enough for a CPU test: FocalTransformer(**MICRO_FOCAL).
+MICRO_FOCAL = dict(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], drop_path_rate=0.0)
+
+# The micro config of end-to-end runs of main.py (32 px, 10 classes, no augmentation to speak of).
 MICRO_FOCAL_YAML = """
 DATA:
   IMG_SIZE: 32
@@ -58,6 +64,12 @@ def write_tiny_dataset(root: str, train_per_class: int = 4, val_per_class: int =
     from data.demo import write_demo_dataset
     write_demo_dataset(root, 32, train_per_class, val_per_class, seed=1)
     return root
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory) -> str:
+    """`write_tiny_dataset` once per test session (tests must not modify it)."""
+    return write_tiny_dataset(str(tmp_path_factory.mktemp('data') / 'tiny'))
 
 
 def run_main(args: List[str]) -> int:
