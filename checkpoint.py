@@ -159,15 +159,22 @@ def training_state(model: nn.Module, optimizer, scheduler, scaler, ema, epoch: i
     }
 
 
-def restore_training(path: str, model: nn.Module, optimizer, scheduler, scaler,
-                     ema) -> Tuple[int, float]:
+def restore_training(path: str, model: nn.Module, optimizer, scheduler, scaler, ema,
+                     classes: Optional[List[str]] = None) -> Tuple[int, float]:
     """Load a `training_state` checkpoint into every training component; returns the epoch to
     start at and the best accuracy so far. An EMA missing from the checkpoint starts from the
-    loaded weights."""
+    loaded weights. A checkpoint trained on other classes than `classes` is refused."""
     checkpoint = read_checkpoint(path)
     if 'optimizer' not in checkpoint or 'epoch' not in checkpoint:
         raise CheckpointError(f"{path} holds weights only, not a training state: use "
                               f"--pretrained to start from it, or --eval to evaluate it")
+    trained_classes = checkpoint.get('classes')
+    if classes is not None and trained_classes is not None and list(trained_classes) != list(classes):
+        differing = sorted(set(trained_classes) ^ set(classes))[:5] or ['(their order)']
+        raise CheckpointError(
+            f"{path} was trained on {len(trained_classes)} classes, the training data has "
+            f"{len(classes)}, differing in {', '.join(differing)}: resume it on its own data, "
+            f"or start a new run (another --tag) with --pretrained {path}")
     load_weights(model, checkpoint['model'], path)
     optimizer.load_state_dict(checkpoint['optimizer'])
     scheduler.load_state_dict(checkpoint['lr_scheduler'])

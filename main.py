@@ -255,7 +255,7 @@ def train(setup: RunSetup, outputs: RunOutputs) -> None:
         or config.MODEL.RESUME
     if resume_path:
         start_epoch, max_accuracy = restore_training(resume_path, model, optimizer, scheduler,
-                                                     scaler, ema)
+                                                     scaler, ema, loaders.classes)
         logger.info(f"resumed from {resume_path}: continuing at epoch {start_epoch}, "
                     f"best Acc@1 so far {max_accuracy:.2f}%")
     retrained = outputs.drop_training_metrics_from(start_epoch)

@@ -130,6 +130,20 @@ def test_eval_maps_validation_folders_onto_the_checkpoint_classes(tmp_path, tiny
     assert correct == pytest.approx(30 * trained_run['metrics']['acc1'] / 100)
 
 
+def test_resuming_on_other_classes_is_an_error(tmp_path, tiny_data, trained_run, capsys):
+    """Same class count, one class renamed: the trained head's outputs would mean other
+    classes."""
+    data = tmp_path / 'renamed'
+    for split in ('train', 'val'):
+        (data / split).mkdir(parents=True)
+        for name in sorted(os.listdir(os.path.join(tiny_data, split))):
+            os.symlink(os.path.join(tiny_data, split, name),
+                       data / split / ('disc' if name == 'circle' else name))
+    assert run_main(run_args(tmp_path, str(data), '--resume', trained_run['checkpoint'])) == 1
+    line = error_line(capsys)
+    assert 'was trained on 10 classes, the training data has 10, differing in circle, disc' in line
+
+
 # 2. Divergence --------------------------------------------------------------------------------
 
 def test_diverged_run_saves_no_checkpoint_and_keeps_metrics_json(tmp_path, tiny_data, capsys):
