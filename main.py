@@ -186,7 +186,13 @@ def set_up(config: CN, ctx: DistContext, logger: logging.Logger, outputs: RunOut
         dump_config(config, os.path.join(outputs.folder, 'config.yaml'))
     logger.info(config.dump())
 
-    model = build_model(config)
+    try:
+        model = build_model(config)
+    except TypeError as error:  # arguments in MODEL.TIMM.KWARGS that the timm model lacks
+        if config.MODEL.TYPE != 'timm':
+            raise
+        raise ConfigError(f"MODEL.TIMM.KWARGS do not fit timm model {config.MODEL.TIMM.NAME!r}: "
+                          f"{error}") from None
     logger.info(f"{config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                 f"parameters")
     if config.MODEL.PRETRAINED:

@@ -130,3 +130,10 @@ def test_focal_architecture_mistake_is_a_config_error(tmp_path, capsys):
     cfg = write_micro_config(str(tmp_path), 'MODEL:\n  FOCAL:\n    NUM_HEADS: [1, 2, 4]\n')
     assert run_main(['--cfg', cfg, '--output', str(tmp_path / 'out')]) == 1
     assert 'MODEL.FOCAL.NUM_HEADS has 3 entries, one per stage' in error_line(capsys)
+
+
+def test_timm_kwargs_the_model_lacks_are_a_config_error(tmp_path, tiny_data, capsys):
+    cfg = write_micro_config(str(tmp_path), 'MODEL:\n  TYPE: timm\n  TIMM:\n    NAME: resnet10t\n'
+                                            '    KWARGS:\n      no_such_arg: 3\n')
+    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', str(tmp_path / 'out')]) == 1
+    assert "MODEL.TIMM.KWARGS do not fit timm model 'resnet10t'" in error_line(capsys)
