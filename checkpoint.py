@@ -11,7 +11,6 @@ import os
 import pickle
 import re
 import shutil
-import zipfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -98,7 +97,7 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     if not looks_like_torch_file(path):
         raise CheckpointError(f"{path} is not a checkpoint: torch.save writes a zip archive "
-                              f"(or, before PyTorch 1.6, a pickle), and this file is neither")
+                              f"(or, before PyTorch 1.6, a pickle) and this file starts as neither")
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
@@ -119,12 +118,12 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
 
 
 def looks_like_torch_file(path: str) -> bool:
-    """Whether `path` starts like a file of `torch.save`: a zip archive, or the legacy format,
-    which begins with a pickle protocol 2+ header (byte 0x80)."""
-    if zipfile.is_zipfile(path):
-        return True
+    """Whether `path` starts like a file of `torch.save`: a zip archive (its first local file
+    header), or the legacy format, which begins with a pickle protocol 2+ header (0x80). A
+    truncated checkpoint still starts right and gets torch's own error."""
     with open(path, 'rb') as f:
-        return f.read(1) == b'\x80'
+        head = f.read(4)
+    return head == b'PK\x03\x04' or head[:1] == b'\x80'
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:

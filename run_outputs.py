@@ -19,8 +19,9 @@ from utils import UserError
 
 LOCK_FILE = 'run.lock'
 METRICS_FILE = 'metrics.jsonl'
-# Left by a save that was killed: `save_checkpoint` writes `<name>.pth.tmp.<pid>` then renames it.
-STALE_TEMPORARY_PATTERN = '*.pth.tmp.*'
+# Left by a write that was killed: checkpoints and the rewritten metrics file go to
+# `<name>.tmp.<pid>` first, then are renamed.
+STALE_TEMPORARY_PATTERNS = ('*.pth.tmp.*', f'{METRICS_FILE}.tmp.*')
 
 
 class RunFolderBusyError(UserError):
@@ -89,11 +90,12 @@ class RunOutputs:
         self.close()
 
     def remove_stale_temporary_files(self) -> List[str]:
-        """Delete the partial checkpoints of earlier runs that were killed while saving (safe:
-        the lock says no other run writes here); returns their paths."""
+        """Delete the partial files of earlier runs that were killed while saving (safe: the
+        lock says no other run writes here); returns their paths."""
         if not self.is_main:
             return []
-        stale = sorted(glob.glob(os.path.join(glob.escape(self.folder), STALE_TEMPORARY_PATTERN)))
+        stale = sorted(path for pattern in STALE_TEMPORARY_PATTERNS
+                       for path in glob.glob(os.path.join(glob.escape(self.folder), pattern)))
         for path in stale:
             os.remove(path)
         return stale
