@@ -9,10 +9,23 @@ from typing import List
 import pytest
 import torch
 
+from config import get_defaults
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A four-stage Focal Transformer small enough for a CPU test: FocalTransformer(**MICRO_FOCAL).
+# A four-stage Focal Transformer small enough for a CPU test: FocalTransformer(**MICRO_FOCAL),
+# or as config keys `micro_focal_config()`.
 MICRO_FOCAL = dict(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], drop_path_rate=0.0)
+
+
+def micro_focal_config():
+    """The default config (unfrozen) with the architecture of MICRO_FOCAL."""
+    config = get_defaults()
+    config.MODEL.FOCAL.EMBED_DIM = MICRO_FOCAL['embed_dim']
+    config.MODEL.FOCAL.DEPTHS = list(MICRO_FOCAL['depths'])
+    config.MODEL.FOCAL.NUM_HEADS = list(MICRO_FOCAL['num_heads'])
+    config.MODEL.DROP_PATH_RATE = MICRO_FOCAL['drop_path_rate']
+    return config
 
 # The micro config of end-to-end runs of main.py (32 px, 10 classes, no augmentation to speak of).
 MICRO_FOCAL_YAML = """
