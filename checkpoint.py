@@ -61,11 +61,12 @@ def save_checkpoint(state: Dict[str, Any], path: str) -> None:
             os.remove(tmp_path)
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             folder = os.path.dirname(os.path.abspath(path))
+            needed_mb = tensor_bytes(state) / 2**20
+            free_mb = shutil.disk_usage(folder).free / 2**20
             raise CheckpointError(
                 f"no space left to save {os.path.basename(path)} in {folder}: it needs about "
-                f"{tensor_bytes(state) / 2**20:.0f} MB, {shutil.disk_usage(folder).free / 2**20:.0f} "
-                f"MB are free; older checkpoints are intact, free some space and rerun to resume"
-            ) from None
+                f"{needed_mb:.0f} MB, {free_mb:.0f} MB are free; older checkpoints are intact, "
+                f"free some space and rerun to resume") from None
         raise
 
 
@@ -168,7 +169,8 @@ def restore_training(path: str, model: nn.Module, optimizer, scheduler, scaler, 
         raise CheckpointError(f"{path} holds weights only, not a training state: use "
                               f"--pretrained to start from it, or --eval to evaluate it")
     trained_classes = checkpoint.get('classes')
-    if classes is not None and trained_classes is not None and list(trained_classes) != list(classes):
+    if classes is not None and trained_classes is not None \
+            and list(trained_classes) != list(classes):
         differing = sorted(set(trained_classes) ^ set(classes))[:5] or ['(their order)']
         raise CheckpointError(
             f"{path} was trained on {len(trained_classes)} classes, the training data has "

@@ -312,9 +312,9 @@ def validate_focal_config(config: CN) -> None:
     smallest = focal.PATCH_SIZE * 2 ** (num_stages - 1)
     if config.DATA.IMG_SIZE < smallest:
         raise ConfigError(f"DATA.IMG_SIZE {config.DATA.IMG_SIZE} is too small for this Focal "
-                          f"Transformer: with PATCH_SIZE {focal.PATCH_SIZE} and {num_stages} stages "
-                          f"inputs need {smallest} px or more (smaller images are padded to "
-                          f"DATA.IMG_SIZE)")
+                          f"Transformer: with PATCH_SIZE {focal.PATCH_SIZE} and {num_stages} "
+                          f"stages inputs need {smallest} px or more (smaller images are padded "
+                          f"to DATA.IMG_SIZE)")
 
 
 def mixup_active(config: CN) -> bool:
