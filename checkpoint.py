@@ -5,11 +5,13 @@ A checkpoint is a dict of tensors and plain Python data only (`torch.load(...,
 weights_only=True)` reads it): 'model', 'optimizer', 'lr_scheduler', 'scaler', 'ema' (or None),
 'epoch' (the last finished one), 'max_accuracy' and 'config' (nested dicts).
 """
+import errno
 import logging
 import os
 import pickle
 import re
-from typing import Any, Dict, Optional, Tuple
+import shutil
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,15 +33,62 @@ def epoch_checkpoint_name(epoch: int) -> str:
     return f'ckpt_epoch_{epoch}.pth'
 
 
+def tensor_bytes(value: Any) -> int:
+    """Bytes of all tensors in a nest of dicts and lists: about the size of its checkpoint."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(item) for item in value)
+    return 0
+
+
 def save_checkpoint(state: Dict[str, Any], path: str) -> None:
     """Write `state` to `path` through a temporary file and a rename, so that `path` is either
-    the previous complete checkpoint or the new complete one, never a partial file."""
+    the previous complete checkpoint or the new complete one, never a partial file. A failed
+    write removes its temporary file; a full disk is a `CheckpointError` saying how much space
+    the checkpoint needs."""
     tmp_path = f'{path}.tmp.{os.getpid()}'
-    with open(tmp_path, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
+    try:
+        with open(tmp_path, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException as error:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            folder = os.path.dirname(os.path.abspath(path))
+            needed_mb = tensor_bytes(state) / 2**20
+            free_mb = shutil.disk_usage(folder).free / 2**20
+            raise CheckpointError(
+                f"no space left to save {os.path.basename(path)} in {folder}: it needs about "
+                f"{needed_mb:.0f} MB, {free_mb:.0f} MB are free; older checkpoints are intact, "
+                f"free some space and rerun to resume") from None
+        raise
+
+
+def non_finite_entries(state: Dict[str, Any]) -> List[str]:
+    """Names of the floating-point tensors in the 'model', 'optimizer' and 'ema' entries of a
+    `training_state` that hold NaN or infinity (a diverged run must not be saved)."""
+    found = []
+
+    def visit(value: Any, name: str) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                found.append(name)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                visit(item, f'{name}.{key}')
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                visit(item, f'{name}.{index}')
+
+    for entry in ('model', 'optimizer', 'ema'):
+        visit(state.get(entry), entry)
+    return found
 
 
 def read_checkpoint(path: str) -> Dict[str, Any]:
@@ -47,6 +96,9 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     unreadable file."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not looks_like_torch_file(path):
+        raise CheckpointError(f"{path} is not a checkpoint: torch.save writes a zip archive "
+                              f"(or, before PyTorch 1.6, a pickle) and this file starts as neither")
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
@@ -64,6 +116,15 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, "
                               f"not a dict of weights")
     return checkpoint
+
+
+def looks_like_torch_file(path: str) -> bool:
+    """Whether `path` starts like a file of `torch.save`: a zip archive (its first local file
+    header), or the legacy format, which begins with a pickle protocol 2+ header (0x80). A
+    truncated checkpoint still starts right and gets torch's own error."""
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    return head == b'PK\x03\x04' or head[:1] == b'\x80'
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
@@ -85,26 +146,36 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 
 
 def training_state(model: nn.Module, optimizer, scheduler, scaler, ema, epoch: int,
-                   max_accuracy: float, config: dict) -> Dict[str, Any]:
-    """Everything needed to continue a run after `epoch` (`config` as plain data)."""
+                   max_accuracy: float, config: dict,
+                   classes: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Everything needed to continue a run after `epoch` (`config` as plain data), and the
+    class names in the order of the head's outputs."""
     return {
         'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
         'lr_scheduler': scheduler.state_dict(),
         'scaler': scaler.state_dict() if scaler is not None else None,
         'ema': ema.module.state_dict() if ema is not None else None,
-        'epoch': epoch, 'max_accuracy': max_accuracy, 'config': config,
+        'epoch': epoch, 'max_accuracy': max_accuracy, 'config': config, 'classes': classes,
     }
 
 
-def restore_training(path: str, model: nn.Module, optimizer, scheduler, scaler,
-                     ema) -> Tuple[int, float]:
+def restore_training(path: str, model: nn.Module, optimizer, scheduler, scaler, ema,
+                     classes: Optional[List[str]] = None) -> Tuple[int, float]:
     """Load a `training_state` checkpoint into every training component; returns the epoch to
     start at and the best accuracy so far. An EMA missing from the checkpoint starts from the
-    loaded weights."""
+    loaded weights. A checkpoint trained on other classes than `classes` is refused."""
     checkpoint = read_checkpoint(path)
     if 'optimizer' not in checkpoint or 'epoch' not in checkpoint:
         raise CheckpointError(f"{path} holds weights only, not a training state: use "
                               f"--pretrained to start from it, or --eval to evaluate it")
+    trained_classes = checkpoint.get('classes')
+    if classes is not None and trained_classes is not None \
+            and list(trained_classes) != list(classes):
+        differing = sorted(set(trained_classes) ^ set(classes))[:5] or ['(their order)']
+        raise CheckpointError(
+            f"{path} was trained on {len(trained_classes)} classes, the training data has "
+            f"{len(classes)}, differing in {', '.join(differing)}: resume it on its own data, "
+            f"or start a new run (another --tag) with --pretrained {path}")
     load_weights(model, checkpoint['model'], path)
     optimizer.load_state_dict(checkpoint['optimizer'])
     scheduler.load_state_dict(checkpoint['lr_scheduler'])
@@ -142,10 +213,29 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: st
                     f"ignored {result.unexpected_keys}")
 
 
-def load_for_evaluation(path: str, model: nn.Module) -> Dict[str, Any]:
-    """Load the weights of `path` (ours or a released one) into `model`; returns the raw
-    checkpoint for its other entries (e.g. 'ema')."""
-    checkpoint = read_checkpoint(path)
+def classifier_rows(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Optional[int]:
+    """The output count of the classifier (`model.get_classifier()`) as stored in
+    `state_dict`, or None when it holds no such weight."""
+    classifier = model.get_classifier()
+    name = next((name for name, module in model.named_modules() if module is classifier), None)
+    weight = state_dict.get(f'{name}.weight') if name is not None else None
+    return weight.shape[0] if weight is not None and weight.ndim == 2 else None
+
+
+def load_for_evaluation(path: str, model: nn.Module,
+                        checkpoint: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Load the weights of `path` (ours or a released one, already read as `checkpoint` if
+    given) into `model`; returns the raw checkpoint for its other entries (e.g. 'ema'). A head
+    for another number of classes than the model's is an error: a replaced head would give a
+    meaningless accuracy."""
+    if checkpoint is None:
+        checkpoint = read_checkpoint(path)
+    trained = classifier_rows(unwrap_state_dict(checkpoint), model)
+    expected = classifier_rows(model.state_dict(), model)
+    if trained is not None and trained != expected:
+        raise CheckpointError(
+            f"checkpoint {path} has a head for {trained} classes but the validation data has "
+            f"{expected}: evaluate it on the classes it was trained on")
     load_weights(model, model_weights(checkpoint, model, path), path)
     return checkpoint
 

@@ -6,8 +6,9 @@ unchanged; an unknown key or a bad value raises `ConfigError` naming the key.
 """
 import argparse
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
+import timm
 import yaml
 from yacs.config import CfgNode as CN
 
@@ -27,6 +28,7 @@ _C.DATA.BATCH_SIZE = 128
 # ImageNet-style root with train/ and val/ (or train.zip, val.zip and their map files with
 # --zip). Empty: the procedural demo dataset under DATA.DEMO.ROOT.
 _C.DATA.DATA_PATH = ''
+# Official: accepted for compatibility, unused (the data is whatever DATA_PATH holds).
 _C.DATA.DATASET = 'imagenet'
 _C.DATA.IMG_SIZE = 224
 # Resize interpolation: random, bilinear or bicubic.
@@ -194,7 +196,8 @@ _C.PRINT_FREQ = 100
 _C.SEED = 0
 _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
-# Official: accepted for compatibility, unused.
+# Official: accepted for compatibility, unused (the local rank comes from the launcher, see
+# distributed.init_distributed).
 _C.DEBUG_MODE = False
 _C.LOCAL_RANK = 0
 
@@ -208,6 +211,8 @@ _CHOICES = {
     'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
     'AMP_OPT_LEVEL': ('', 'O0', 'O1', 'O2'),
     'AMP_DTYPE': ('auto', 'bf16', 'fp16', 'none'),
+    'MODEL.FOCAL.FOCAL_POOL': ('fc', 'mean', 'max', 'conv', 'none'),
+    'MODEL.FOCAL.EXPAND_LAYER': ('all', 'even', 'odd'),
 }
 _POSITIVE = ('DATA.BATCH_SIZE', 'DATA.IMG_SIZE', 'TRAIN.EPOCHS', 'SAVE_FREQ', 'PRINT_FREQ',
              'TRAIN.MAX_NONFINITE_STEPS')
@@ -237,7 +242,8 @@ def merge_config_file(config: CN, cfg_file: str) -> None:
         with open(cfg_file) as f:
             yaml_cfg = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{cfg_file} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{yaml_error_place(cfg_file, e)} is not valid YAML: "
+                          f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
     for base in yaml_cfg.get('BASE', ['']) or ['']:
         if base:
             merge_config_file(config, os.path.join(os.path.dirname(cfg_file), base))
@@ -245,6 +251,12 @@ def merge_config_file(config: CN, cfg_file: str) -> None:
         config.merge_from_other_cfg(CN(yaml_cfg))
     except (KeyError, ValueError, AssertionError) as e:
         raise ConfigError(f"{cfg_file}: {_yacs_message(e)}") from None
+
+
+def yaml_error_place(cfg_file: str, error: yaml.YAMLError) -> str:
+    """`file:line:column` of a YAML syntax error (1-based), or the file alone."""
+    mark = getattr(error, 'problem_mark', None)
+    return f"{cfg_file}:{mark.line + 1}:{mark.column + 1}" if mark is not None else cfg_file
 
 
 def merge_overrides(config: CN, opts: list) -> None:
@@ -273,8 +285,11 @@ def validate_config(config: CN) -> None:
     for key in _POSITIVE:
         if _lookup(config, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {_lookup(config, key)!r}")
-    if config.MODEL.TYPE == 'timm' and not config.MODEL.TIMM.NAME:
-        raise ConfigError("MODEL.TYPE is 'timm' but MODEL.TIMM.NAME is empty")
+    if config.MODEL.TYPE == 'timm' and not timm.is_model(config.MODEL.TIMM.NAME):
+        raise ConfigError(f"MODEL.TIMM.NAME {config.MODEL.TIMM.NAME!r} is not a timm model "
+                          f"(MODEL.TYPE is 'timm')")
+    if config.MODEL.TYPE == 'focal':
+        validate_focal_config(config)
     if config.TRAIN.WARMUP_EPOCHS < 0 or config.TRAIN.WARMUP_EPOCHS > config.TRAIN.EPOCHS:
         raise ConfigError(f"TRAIN.WARMUP_EPOCHS must be in [0, TRAIN.EPOCHS], "
                           f"got {config.TRAIN.WARMUP_EPOCHS!r}")
@@ -310,6 +325,31 @@ def _validate_augmentation(config: CN) -> None:
         raise ConfigError(f"DATA.MEAN must be 3 numbers (R, G, B), got {mean!r}")
     if not _numbers(std, 3) or min(std) <= 0:
         raise ConfigError(f"DATA.STD must be 3 positive numbers (R, G, B), got {std!r}")
+
+
+def validate_focal_config(config: CN) -> None:
+    """The architecture keys of MODEL.FOCAL, checked here so that the model's constructor
+    only fails on bugs (which keep their traceback)."""
+    focal = config.MODEL.FOCAL
+    num_stages = len(focal.DEPTHS)
+    for key in ('NUM_HEADS', 'FOCAL_LEVELS', 'FOCAL_WINDOWS', 'EXPAND_SIZES'):
+        if len(focal[key]) != num_stages:
+            raise ConfigError(f"MODEL.FOCAL.{key} has {len(focal[key])} entries, one per stage "
+                              f"of MODEL.FOCAL.DEPTHS ({num_stages})")
+    if any(window % 2 == 0 for window in focal.FOCAL_WINDOWS):
+        raise ConfigError(f"MODEL.FOCAL.FOCAL_WINDOWS must be odd, got {list(focal.FOCAL_WINDOWS)}")
+    for stage, heads in enumerate(focal.NUM_HEADS):
+        dim = focal.EMBED_DIM * 2 ** stage
+        if heads <= 0 or dim % heads:
+            raise ConfigError(f"MODEL.FOCAL.NUM_HEADS[{stage}] = {heads} does not divide the "
+                              f"stage's width {dim} (EMBED_DIM x 2^{stage})")
+    # Each stage after the first halves the resolution; the last one needs at least one token.
+    smallest = focal.PATCH_SIZE * 2 ** (num_stages - 1)
+    if config.DATA.IMG_SIZE < smallest:
+        raise ConfigError(f"DATA.IMG_SIZE {config.DATA.IMG_SIZE} is too small for this Focal "
+                          f"Transformer: with PATCH_SIZE {focal.PATCH_SIZE} and {num_stages} "
+                          f"stages inputs need {smallest} px or more (smaller images are padded "
+                          f"to DATA.IMG_SIZE)")
 
 
 def mixup_active(config: CN) -> bool:
@@ -354,7 +394,17 @@ def update_config(config: CN, args: argparse.Namespace) -> None:
         node, leaf = key.rsplit('.', 1) if '.' in key else ('', key)
         target = _lookup(config, node) if node else config
         target[leaf] = value
-    config.LOCAL_RANK = getattr(args, 'local_rank', None) or 0
+
+
+def load_config(path: str, opts: Sequence[str] = ()) -> CN:
+    """The frozen, validated config of a YAML file with `KEY VALUE` overrides: for scripts and
+    tests, which have no command line of main.py."""
+    config = get_defaults()
+    merge_config_file(config, path)
+    merge_overrides(config, list(opts))
+    validate_config(config)
+    config.freeze()
+    return config
 
 
 def get_config(args: Optional[argparse.Namespace] = None) -> CN:

@@ -11,31 +11,33 @@ evaluations, saving checkpoints, metrics and TensorBoard scalars in OUTPUT/MODEL
 """
 import argparse
 import datetime
-import json
+import logging
+import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
-from torch.utils.tensorboard import SummaryWriter
 from yacs.config import CfgNode as CN
 
 from checkpoint import (BEST_CHECKPOINT, epoch_checkpoint_name, latest_checkpoint,
-                        load_for_evaluation, load_pretrained, restore_training, save_checkpoint,
-                        training_state)
+                        load_for_evaluation, load_pretrained, non_finite_entries, read_checkpoint,
+                        restore_training, training_state)
 from config import (ConfigError, accumulation_steps, config_to_dict, dump_config, get_config,
                     run_folder)
-from data import build_loader, prepare_demo_data
-from distributed import barrier, cleanup, init_distributed
+from data import Loaders, build_loader, prepare_demo_data
+from distributed import DistContext, barrier, cleanup, init_distributed
 from engine import (EvalResult, NonFiniteGuard, StepSettings, evaluate, measure_throughput,
                     train_one_epoch)
 from logger import create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
+from run_outputs import RunOutputs
 from utils import UserError, seed_everything
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -108,18 +110,32 @@ def build_criterion(config: CN, mixup_active: bool) -> torch.nn.Module:
     return torch.nn.CrossEntropyLoss()
 
 
-def append_jsonl(path: str, record: dict) -> None:
-    with open(path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
-
-
 def log_accuracy(logger, result: EvalResult, what: str = 'network') -> None:
     logger.info(f' * Acc@1 {result.acc1:.3f} Acc@5 {result.acc5:.3f}')
     logger.info(f'Accuracy of the {what} on the {result.num_images} test images: '
                 f'{result.acc1:.1f}%, loss {result.loss:.4f}')
 
 
+class TrainingDivergedError(UserError):
+    """An epoch ended with non-finite weights, optimizer state or validation loss."""
+
+
+@dataclass
+class RunSetup:
+    """What every mode of a run works with: the config (class count set from the data), the
+    process group, the logger, the data, the model and the module that runs batches (the model,
+    DDP-wrapped and/or compiled)."""
+    config: CN
+    ctx: DistContext
+    logger: logging.Logger
+    loaders: Loaders
+    model: torch.nn.Module
+    runner: torch.nn.Module
+    amp_dtype: Optional[torch.dtype]
+
+
 def run(args: argparse.Namespace) -> None:
+    """Set up, then measure throughput, evaluate a checkpoint, or train."""
     config = get_config(args)
     if config.EVAL_MODE and not config.MODEL.RESUME:
         raise ConfigError("--eval needs a checkpoint to evaluate: pass --resume CKPT")
@@ -127,35 +143,55 @@ def run(args: argparse.Namespace) -> None:
     if ctx.device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN picks its fastest convolutions once
     seed_everything(config.SEED + ctx.rank)
-    out_dir = run_folder(config)
-    logger = create_logger(out_dir, ctx.rank)
-    logger.info(f"run folder {out_dir}, process {ctx.rank}/{ctx.world_size} on {ctx.device}")
+    with RunOutputs(run_folder(config), ctx.is_main) as outputs:
+        logger = create_logger(outputs.folder, ctx.rank)
+        logger.info(f"run folder {outputs.folder}, process {ctx.rank}/{ctx.world_size} on "
+                    f"{ctx.device}")
+        for path in outputs.remove_stale_temporary_files():
+            logger.info(f"removed {path}, the partial file of a save that was interrupted")
+        # --eval: the checkpoint's class list (ours store one) orders the validation classes.
+        checkpoint = read_checkpoint(config.MODEL.RESUME) if config.EVAL_MODE else None
+        setup = set_up(config, ctx, logger, outputs,
+                       classes=checkpoint.get('classes') if checkpoint else None)
+        if config.THROUGHPUT_MODE:
+            measure(setup, outputs)
+        elif config.EVAL_MODE:
+            evaluate_checkpoint(setup, outputs, checkpoint)
+        else:
+            train(setup, outputs)
 
-    # Data: the user's ImageNet-style folders or zips, or the built-in demo dataset.
+
+def set_up(config: CN, ctx: DistContext, logger: logging.Logger, outputs: RunOutputs,
+           classes: Optional[List[str]] = None) -> RunSetup:
+    """Data (the user's folders or zips, or the built-in demo dataset), the model at its
+    class count and precision, and the module that runs batches."""
     if not config.DATA.DATA_PATH:
         demo_path, written = prepare_demo_data(config, ctx.is_main)
         logger.info(f"no --data-path given: using the built-in demo dataset (10 classes of "
                     f"procedural shapes) {'written to' if written else 'cached in'} {demo_path}")
         barrier()
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
-    loaders = build_loader(config, ctx.rank, ctx.world_size, with_train=training)
+    loaders = build_loader(config, ctx.rank, ctx.world_size, with_train=training,
+                           classes=classes)
     if loaders.num_classes != config.MODEL.NUM_CLASSES:
         logger.info(f"MODEL.NUM_CLASSES set to {loaders.num_classes}, the number of classes in "
-                    f"the data (config said {config.MODEL.NUM_CLASSES})")
+                    f"the {'training data' if training else 'checkpoint or validation data'} "
+                    f"(config said {config.MODEL.NUM_CLASSES})")
         config.defrost()
         config.MODEL.NUM_CLASSES = loaders.num_classes
         config.freeze()
     logger.info(f"{len(loaders.dataset_train) if training else 'no'} training and "
                 f"{len(loaders.dataset_val)} validation images in {loaders.num_classes} classes")
     if ctx.is_main:
-        dump_config(config, os.path.join(out_dir, 'config.yaml'))
+        dump_config(config, os.path.join(outputs.folder, 'config.yaml'))
     logger.info(config.dump())
 
-    # Model, precision and the (optionally DDP-wrapped, compiled) module that runs batches.
     try:
         model = build_model(config)
-    except (ValueError, TypeError, RuntimeError) as error:
-        raise ConfigError(f"cannot build {config.MODEL.TYPE} model {config.MODEL.NAME!r}: "
+    except TypeError as error:  # arguments in MODEL.TIMM.KWARGS that the timm model lacks
+        if config.MODEL.TYPE != 'timm':
+            raise
+        raise ConfigError(f"MODEL.TIMM.KWARGS do not fit timm model {config.MODEL.TIMM.NAME!r}: "
                           f"{error}") from None
     logger.info(f"{config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                 f"parameters")
@@ -171,31 +207,38 @@ def run(args: argparse.Namespace) -> None:
             model, device_ids=[ctx.local_rank] if ctx.device.type == 'cuda' else None)
     if config.COMPILE:
         runner = torch.compile(runner)
+    return RunSetup(config, ctx, logger, loaders, model, runner, amp_dtype)
 
-    if config.THROUGHPUT_MODE:
-        images_per_second = measure_throughput(runner, loaders.loader_val, ctx.device, amp_dtype)
-        logger.info(f"batch_size {config.DATA.BATCH_SIZE} throughput {images_per_second:.2f}")
-        if ctx.is_main:
-            append_jsonl(os.path.join(out_dir, 'metrics.jsonl'),
-                         {'throughput': images_per_second, 'batch_size': config.DATA.BATCH_SIZE})
-            with SummaryWriter(out_dir) as tb_writer:
-                tb_writer.add_scalar('throughput', images_per_second, config.DATA.BATCH_SIZE)
-        return
 
-    if config.EVAL_MODE:
-        checkpoint = load_for_evaluation(config.MODEL.RESUME, model)
-        trained_epochs = checkpoint.get('epoch')
-        logger.info(f"evaluating {config.MODEL.RESUME}")
-        result = evaluate(runner, loaders.loader_val, ctx.device, amp_dtype)
-        log_accuracy(logger, result)
-        if ctx.is_main:
-            append_jsonl(os.path.join(out_dir, 'metrics.jsonl'), {
-                'epoch': trained_epochs if isinstance(trained_epochs, int) else None, 'acc1': result.acc1, 'acc5': result.acc5,
-                'loss': result.loss, 'max_acc1': result.acc1, 'ema_acc1': None,
-                'num_images': result.num_images, 'checkpoint': config.MODEL.RESUME})
-        return
+def measure(setup: RunSetup, outputs: RunOutputs) -> None:
+    """--throughput: forward images per second on one validation batch."""
+    images_per_second = measure_throughput(setup.runner, setup.loaders.loader_val,
+                                           setup.ctx.device, setup.amp_dtype)
+    batch_size = setup.config.DATA.BATCH_SIZE
+    setup.logger.info(f"batch_size {batch_size} throughput {images_per_second:.2f}")
+    outputs.append_metrics({'throughput': images_per_second, 'batch_size': batch_size})
+    outputs.add_scalars({'throughput': images_per_second}, batch_size)
 
-    # Optimizer, schedule, loss, scaler and EMA.
+
+def evaluate_checkpoint(setup: RunSetup, outputs: RunOutputs, checkpoint: dict) -> None:
+    """--eval: the accuracy of the weights of MODEL.RESUME."""
+    path = setup.config.MODEL.RESUME
+    load_for_evaluation(path, setup.model, checkpoint)
+    setup.logger.info(f"evaluating {path}")
+    result = evaluate(setup.runner, setup.loaders.loader_val, setup.ctx.device, setup.amp_dtype)
+    log_accuracy(setup.logger, result)
+    trained_epochs = checkpoint.get('epoch')
+    outputs.append_metrics({
+        'epoch': trained_epochs if isinstance(trained_epochs, int) else None,
+        'acc1': result.acc1, 'acc5': result.acc5, 'loss': result.loss, 'max_acc1': result.acc1,
+        'ema_acc1': None, 'num_images': result.num_images, 'checkpoint': path})
+
+
+def train(setup: RunSetup, outputs: RunOutputs) -> None:
+    """Optimizer, schedule, loss, scaler and EMA; resume; then per epoch: train, evaluate,
+    record the metrics, save the checkpoints."""
+    config, ctx, logger, loaders, model = (setup.config, setup.ctx, setup.logger, setup.loaders,
+                                           setup.model)
     scale_learning_rates(config, ctx.world_size)
     logger.info(f"learning rates for the total batch: base {config.TRAIN.BASE_LR:.3e}, warm-up "
                 f"{config.TRAIN.WARMUP_LR:.3e}, min {config.TRAIN.MIN_LR:.3e}")
@@ -209,73 +252,82 @@ def run(args: argparse.Namespace) -> None:
             f"{len(loaders.dataset_train)}: lower --batch-size or --accumulation-steps")
     scheduler = build_scheduler(config, optimizer, steps_per_epoch)
     criterion = build_criterion(config, loaders.mixup_fn is not None)
-    scaler = torch.amp.GradScaler(ctx.device.type) if amp_dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(ctx.device.type) if setup.amp_dtype == torch.float16 else None
     ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
 
     # Resume: the newest checkpoint of this run folder wins over MODEL.RESUME.
     start_epoch, max_accuracy = config.TRAIN.START_EPOCH, 0.0
-    resume_path = (latest_checkpoint(out_dir) if config.TRAIN.AUTO_RESUME else None) \
+    resume_path = (latest_checkpoint(outputs.folder) if config.TRAIN.AUTO_RESUME else None) \
         or config.MODEL.RESUME
     if resume_path:
         start_epoch, max_accuracy = restore_training(resume_path, model, optimizer, scheduler,
-                                                     scaler, ema)
+                                                     scaler, ema, loaders.classes)
         logger.info(f"resumed from {resume_path}: continuing at epoch {start_epoch}, "
                     f"best Acc@1 so far {max_accuracy:.2f}%")
+    retrained = outputs.drop_training_metrics_from(start_epoch)
+    if retrained:
+        logger.info(f"metrics.jsonl: removed the records of epochs {retrained}, which this run "
+                    f"trains again (they were not checkpointed)")
 
-    tb_writer = SummaryWriter(out_dir) if ctx.is_main else None
     settings = StepSettings(accumulation_steps=accumulation, clip_grad=config.TRAIN.CLIP_GRAD,
-                            amp_dtype=amp_dtype, print_freq=config.PRINT_FREQ)
+                            amp_dtype=setup.amp_dtype, print_freq=config.PRINT_FREQ)
     guard = NonFiniteGuard(config.TRAIN.MAX_NONFINITE_STEPS, logger)
     plain_config = config_to_dict(config)
     logger.info("start training")
     start_time = time.time()
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-        # Seeding per epoch (and rank) makes a resumed run draw the same augmentations, drop
-        # paths and mixes as an uninterrupted one.
+        # Seeding per epoch (and rank; workers also by their id) makes a resumed run draw the
+        # same augmentations, drop paths and mixes as an uninterrupted one.
         seed_everything(config.SEED + 10007 * epoch + ctx.rank)
-        loaders.loader_train.sampler.set_epoch(epoch)
+        loaders.set_epoch(epoch)
         train_loss = train_one_epoch(
-            runner, criterion, loaders.loader_train, optimizer, scheduler, scaler, ema,
+            setup.runner, criterion, loaders.loader_train, optimizer, scheduler, scaler, ema,
             loaders.mixup_fn, epoch, config.TRAIN.EPOCHS, steps_per_epoch, settings, guard,
-            ctx.device, logger, tb_writer)
+            ctx.device, logger, outputs.tb_writer)
         if loaders.dataset_train.num_unreadable:
             logger.warning(f"{loaders.dataset_train.num_unreadable} unreadable training images "
                            f"skipped so far by this process")
 
-        result = evaluate(runner, loaders.loader_val, ctx.device, amp_dtype)
+        result = evaluate(setup.runner, loaders.loader_val, ctx.device, setup.amp_dtype)
         log_accuracy(logger, result)
-        ema_result = evaluate(ema.module, loaders.loader_val, ctx.device, amp_dtype) \
+        ema_result = evaluate(ema.module, loaders.loader_val, ctx.device, setup.amp_dtype) \
             if ema is not None else None
         if ema_result is not None:
             log_accuracy(logger, ema_result, 'EMA network')
-        is_best = result.acc1 > max_accuracy
-        max_accuracy = max(max_accuracy, result.acc1)
+        state = training_state(model, optimizer, scheduler, scaler, ema, epoch, max_accuracy,
+                               plain_config, loaders.classes)
+        non_finite = non_finite_entries(state)
+        diverged = bool(non_finite) or not math.isfinite(result.loss)
+        is_best = not diverged and result.acc1 > max_accuracy
+        if is_best:
+            max_accuracy = state['max_accuracy'] = result.acc1
         logger.info(f'Max accuracy: {max_accuracy:.2f}%')
 
-        if ctx.is_main:
-            state = training_state(model, optimizer, scheduler, scaler, ema, epoch,
-                                   max_accuracy, plain_config)
-            if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
-                path = os.path.join(out_dir, epoch_checkpoint_name(epoch))
-                save_checkpoint(state, path)
-                logger.info(f"saved {path}")
-            if is_best:
-                save_checkpoint(state, os.path.join(out_dir, BEST_CHECKPOINT))
-            append_jsonl(os.path.join(out_dir, 'metrics.jsonl'), {
-                'epoch': epoch, 'acc1': result.acc1, 'acc5': result.acc5, 'loss': result.loss,
-                'max_acc1': max_accuracy,
-                'ema_acc1': ema_result.acc1 if ema_result is not None else None,
-                'train_loss': train_loss, 'lr': optimizer.param_groups[0]['lr'],
-                'num_images': result.num_images})
-            for name, value in (('val/acc1', result.acc1), ('val/acc5', result.acc5),
-                                ('val/loss', result.loss)):
-                tb_writer.add_scalar(name, value, epoch)
-            if ema_result is not None:
-                tb_writer.add_scalar('val/ema_acc1', ema_result.acc1, epoch)
-            tb_writer.flush()
+        # Metrics first: a run killed before its checkpoint trains this epoch again and
+        # replaces them; one killed after it has them.
+        outputs.append_metrics({
+            'epoch': epoch, 'acc1': result.acc1, 'acc5': result.acc5, 'loss': result.loss,
+            'max_acc1': max_accuracy,
+            'ema_acc1': ema_result.acc1 if ema_result is not None else None,
+            'train_loss': train_loss, 'lr': optimizer.param_groups[0]['lr'],
+            'num_images': result.num_images})
+        scalars = {'val/acc1': result.acc1, 'val/acc5': result.acc5, 'val/loss': result.loss}
+        if ema_result is not None:
+            scalars['val/ema_acc1'] = ema_result.acc1
+        outputs.add_scalars(scalars, epoch)
+        if diverged:
+            what = f"{len(non_finite)} tensors of the training state (e.g. {non_finite[0]})" \
+                if non_finite else "the validation loss"
+            raise TrainingDivergedError(
+                f"training diverged in epoch {epoch}: {what} not finite; stopped without "
+                f"saving, so the last checkpoint is the last good state. Lower TRAIN.BASE_LR, "
+                f"check the data, or try AMP_DTYPE bf16/none")
+        if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
+            path = outputs.save_checkpoint(state, epoch_checkpoint_name(epoch))
+            logger.info(f"saved {path}")
+        if is_best:
+            outputs.save_checkpoint(state, BEST_CHECKPOINT)
         barrier()
-    if tb_writer is not None:
-        tb_writer.close()
     logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 
 

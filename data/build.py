@@ -1,7 +1,7 @@
 """`build_loader(config)`: datasets, transforms, samplers, loaders and mixup for a run."""
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from timm.data import Mixup, create_transform
@@ -14,23 +14,31 @@ from config import mixup_active
 from .demo import demo_dataset_dir, write_demo_dataset
 from .images import (DataError, ImageDataset, collate_eval, collate_train, folder_samples,
                      zip_samples)
-from .samplers import ShardRandomSampler, ShardSampler
+from .samplers import ShardRandomSampler, ShardSampler, WorkerSeeder
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
 class Loaders:
-    """The training side is None when only evaluating."""
+    """The training side is None when only evaluating. `classes` are the class names in the
+    order of the model's outputs; validation targets index into them."""
     dataset_train: Optional[ImageDataset]
     dataset_val: ImageDataset
     loader_train: Optional[torch.utils.data.DataLoader]
     loader_val: torch.utils.data.DataLoader
     mixup_fn: Optional[Mixup]
+    classes: List[str]
+    worker_seeder: Optional[WorkerSeeder] = None
 
     @property
     def num_classes(self) -> int:
-        return len((self.dataset_train or self.dataset_val).classes)
+        return len(self.classes)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle and seed the training workers for `epoch` (call before iterating)."""
+        self.loader_train.sampler.set_epoch(epoch)
+        self.worker_seeder.set_epoch(epoch)
 
 
 def demo_data_path(config: CN) -> str:
@@ -57,7 +65,8 @@ def build_transform(is_train: bool, config: CN) -> transforms.Compose:
     """timm's ImageNet training pipeline (random resized crop within `AUG.SCALE` / `AUG.RATIO`,
     flip with probability `AUG.HFLIP`, RandAugment, colour jitter, random erasing), or resize +
     centre crop for evaluation; both normalise with `DATA.MEAN` / `DATA.STD`. Images of 32 px or
-    less use a padded random crop instead of the resized crop, and no resizing for evaluation."""
+    less use a padded random crop instead of the resized crop, and for evaluation a centre crop
+    without resizing; both pad images smaller than the input size."""
     img_size = config.DATA.IMG_SIZE
     resize_im = img_size > 32
     mean, std = tuple(config.DATA.MEAN), tuple(config.DATA.STD)
@@ -79,7 +88,7 @@ def build_transform(is_train: bool, config: CN) -> transforms.Compose:
             std=std,
         )
         if not resize_im:
-            transform.transforms[0] = transforms.RandomCrop(img_size, padding=4)
+            transform.transforms[0] = transforms.RandomCrop(img_size, padding=4, pad_if_needed=True)
         return transform
     interpolation = InterpolationMode.BICUBIC if config.DATA.INTERPOLATION == 'bicubic' \
         else InterpolationMode.BILINEAR
@@ -90,17 +99,25 @@ def build_transform(is_train: bool, config: CN) -> transforms.Compose:
                       transforms.CenterCrop(img_size)]
         else:
             steps.append(transforms.Resize((img_size, img_size), interpolation=interpolation))
+    else:
+        steps.append(transforms.CenterCrop(img_size))  # pads images smaller than img_size
     steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
     return transforms.Compose(steps)
 
 
-def build_dataset(is_train: bool, config: CN, data_path: str) -> ImageDataset:
+def build_dataset(is_train: bool, config: CN, data_path: str,
+                  classes: Optional[Sequence[str]] = None) -> ImageDataset:
+    """The train or val split; `classes` (the training classes) fixes the class indices."""
     split = 'train' if is_train else 'val'
     if config.DATA.ZIP_MODE:
-        samples, classes = zip_samples(data_path, split)
+        samples, found = zip_samples(data_path, split)
+        if classes is not None and len(found) > len(classes):
+            raise DataError(f"{split}_map.txt uses class index {len(found) - 1} but there are "
+                            f"only {len(classes)} training classes")
     else:
-        samples, classes = folder_samples(os.path.join(data_path, split))
-    return ImageDataset(samples, classes, build_transform(is_train, config))
+        samples, found = folder_samples(os.path.join(data_path, split), classes)
+    return ImageDataset(samples, classes if classes is not None else found,
+                        build_transform(is_train, config))
 
 
 def shard_indices(num_samples: int, rank: int, world_size: int, equal_length: bool) -> range:
@@ -113,7 +130,8 @@ def data_path_of(config: CN) -> str:
     return config.DATA.DATA_PATH or demo_data_path(config)
 
 
-def build_loader(config: CN, rank: int = 0, world_size: int = 1, with_train: bool = True) -> Loaders:
+def build_loader(config: CN, rank: int = 0, world_size: int = 1, with_train: bool = True,
+                 classes: Optional[Sequence[str]] = None) -> Loaders:
     """Datasets and loaders for `DATA.DATA_PATH` (the ImageNet layout, or its zip form with
     `DATA.ZIP_MODE`), or for the demo dataset, which `prepare_demo_data` must have written.
 
@@ -123,11 +141,18 @@ def build_loader(config: CN, rank: int = 0, world_size: int = 1, with_train: boo
     ('part') in memory; the validation shard is cached unless the mode is 'no'. Mixup targets
     have one entry per training class (`Loaders.num_classes`). Without `with_train` only the
     validation side is built, so evaluation needs no training images.
+
+    The training classes define the class indices and validation folders map onto them by
+    name; without training data, `classes` (e.g. a checkpoint's) does, else the validation
+    folders themselves. Training workers are seeded per epoch (`Loaders.set_epoch`).
     """
     data_path = data_path_of(config)
     if not os.path.isdir(data_path):
         raise DataError(f"data path not found: {data_path}")
-    dataset_val = build_dataset(False, config, data_path)
+    dataset_train = build_dataset(True, config, data_path) if with_train else None
+    if dataset_train is not None:
+        classes = dataset_train.classes
+    dataset_val = build_dataset(False, config, data_path, classes)
     sampler_val = ShardSampler(len(dataset_val), rank, world_size)
     if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE != 'no':
         dataset_val.cache(sampler_val.indices)
@@ -137,9 +162,8 @@ def build_loader(config: CN, rank: int = 0, world_size: int = 1, with_train: boo
     loader_val = torch.utils.data.DataLoader(
         dataset_val, sampler=sampler_val, drop_last=False, collate_fn=collate_eval, **common)
     if not with_train:
-        return Loaders(None, dataset_val, None, loader_val, None)
+        return Loaders(None, dataset_val, None, loader_val, None, dataset_val.classes)
 
-    dataset_train = build_dataset(True, config, data_path)
     cache_part = config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == 'part'
     if cache_part:
         own_train = shard_indices(len(dataset_train), rank, world_size, equal_length=True)
@@ -150,8 +174,10 @@ def build_loader(config: CN, rank: int = 0, world_size: int = 1, with_train: boo
             dataset_train.cache(range(len(dataset_train)))
         sampler_train = torch.utils.data.DistributedSampler(
             dataset_train, num_replicas=world_size, rank=rank, shuffle=True, seed=config.SEED)
+    worker_seeder = WorkerSeeder(config.SEED, rank)
     loader_train = torch.utils.data.DataLoader(
-        dataset_train, sampler=sampler_train, drop_last=True, collate_fn=collate_train, **common)
+        dataset_train, sampler=sampler_train, drop_last=True, collate_fn=collate_train,
+        worker_init_fn=worker_seeder, **dict(common, persistent_workers=False))
 
     mixup_fn = None
     if mixup_active(config):
@@ -161,5 +187,6 @@ def build_loader(config: CN, rank: int = 0, world_size: int = 1, with_train: boo
             prob=aug.MIXUP_PROB, switch_prob=aug.MIXUP_SWITCH_PROB, mode=aug.MIXUP_MODE,
             label_smoothing=config.MODEL.LABEL_SMOOTHING,
             num_classes=len(dataset_train.classes))
-    return Loaders(dataset_train, dataset_val, loader_train, loader_val, mixup_fn)
+    return Loaders(dataset_train, dataset_val, loader_train, loader_val, mixup_fn,
+                   dataset_train.classes, worker_seeder)
 

@@ -27,22 +27,40 @@ class DataError(UserError):
     """Missing, empty or malformed dataset."""
 
 
-def folder_samples(root: str) -> Tuple[List[Sample], List[str]]:
+def folder_samples(root: str, classes: Optional[Sequence[str]] = None
+                   ) -> Tuple[List[Sample], List[str]]:
     """Samples of an ImageFolder tree `root/<class>/<image>`. Class indices follow the sorted
-    folder names, the order the released ImageNet checkpoints were trained with."""
+    folder names, the order the released ImageNet checkpoints were trained with, unless
+    `classes` gives the class list (the training classes, for a validation split): each folder
+    name then maps onto its index there, and a folder that `classes` lacks is an error. A class
+    folder without images is an error too: it would shift the indices of the others."""
     if not os.path.isdir(root):
         raise DataError(f"data folder not found: {root}")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    found = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if classes is None:
+        classes = found
+    unknown = [name for name in found if name not in classes]
+    if unknown:
+        raise DataError(f"{root} has class folders that the training classes lack: "
+                        f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} "
+                        f"({len(classes)} training classes)")
+    class_index = {name: index for index, name in enumerate(classes)}
     samples = []
-    for class_index, class_name in enumerate(classes):
+    for class_name in found:
+        class_samples = []
         for folder, _, file_names in sorted(os.walk(os.path.join(root, class_name))):
             for file_name in sorted(file_names):
                 if file_name.lower().endswith(IMG_EXTENSIONS):
-                    samples.append((os.path.join(folder, file_name), class_index))
+                    class_samples.append((os.path.join(folder, file_name), class_index[class_name]))
+        if not class_samples:
+            raise DataError(f"no images found in {os.path.join(root, class_name)}: remove the "
+                            f"empty class folder, or add its images (expected one of "
+                            f"{', '.join(IMG_EXTENSIONS)})")
+        samples += class_samples
     if not samples:
         raise DataError(f"no images found in {root} (expected {root}/<class>/<image> with one of "
                         f"{', '.join(IMG_EXTENSIONS)})")
-    return samples, classes
+    return samples, list(classes)
 
 
 def zip_samples(data_path: str, split: str) -> Tuple[List[Sample], List[str]]:
@@ -113,17 +131,26 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         source, target = self.samples[index]
         try:
-            with Image.open(io.BytesIO(read_source(source))) as image:
+            encoded = read_source(source)
+            if not encoded:
+                raise ValueError("empty file (0 bytes)")
+            with Image.open(io.BytesIO(encoded)) as image:
                 image = image.convert('RGB')
+        except Image.UnidentifiedImageError:
+            return self._skip(source, index, "not an image format PIL can read")
         except (OSError, ValueError, Image.DecompressionBombError) as error:
-            with self._unreadable.get_lock():
-                self._unreadable.value += 1
-            print(f"warning: skipping unreadable image {describe(source, index)}: {error}",
-                  file=sys.stderr, flush=True)
-            return None
+            return self._skip(source, index, str(error))
         if self.transform is not None:
             image = self.transform(image)
         return image, target
+
+    def _skip(self, source: Source, index: int, reason: str) -> None:
+        """Count and report an unreadable image; the collate functions leave out its None."""
+        with self._unreadable.get_lock():
+            self._unreadable.value += 1
+        print(f"warning: skipping unreadable image {describe(source, index)}: {reason}",
+              file=sys.stderr, flush=True)
+        return None
 
 
 def collate_eval(batch: list):

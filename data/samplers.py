@@ -1,12 +1,15 @@
-"""Samplers that split a dataset over processes.
+"""Samplers that split a dataset over processes, and the seeding of training loader workers.
 
 `DistributedSampler` pads its shards to equal length by repeating images, which is harmless in
 training but double-counts images in evaluation; the samplers here never pad.
 """
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+from utils import seed_everything
 
 
 class ShardSampler(Sampler[int]):
@@ -48,3 +51,22 @@ class ShardRandomSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class WorkerSeeder:
+    """`worker_init_fn` of the training loader: seeds Python, NumPy and torch in each worker
+    from (seed, epoch, rank, worker id), so that an epoch draws the same augmentations whether
+    the run was interrupted before it or not. Workers must start afresh each epoch (no
+    `persistent_workers`) and read the epoch set by `set_epoch` when they start."""
+
+    def __init__(self, seed: int, rank: int) -> None:
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, worker_id: int) -> None:
+        entropy = [self.seed, self.epoch, self.rank, worker_id]
+        seed_everything(int(np.random.SeedSequence(entropy).generate_state(1)[0]))

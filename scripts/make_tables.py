@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from config import get_defaults, merge_config_file, run_folder, validate_config  # noqa: E402
+from config import load_config as load_config_file, run_folder  # noqa: E402
 from models import build_model  # noqa: E402
 from models.complexity import count_gflops, count_params_m  # noqa: E402
 
@@ -203,10 +203,7 @@ TABLES = {'2': TABLE_2, '8': TABLE_8, '9': TABLE_9, '10': TABLE_10, 'fig5': FIGU
 
 def load_config(path: str):
     """The merged, validated config of a YAML file (relative paths: from the repository root)."""
-    config = get_defaults()
-    merge_config_file(config, os.path.join(REPO_ROOT, path))
-    validate_config(config)
-    return config
+    return load_config_file(os.path.join(REPO_ROOT, path))
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import get_defaults, merge_config_file, merge_overrides, validate_config  # noqa: E402
+from config import load_config  # noqa: E402
 from models import build_model  # noqa: E402
 from models.complexity import count_gflops, count_params_m  # noqa: E402
 from utils import UserError  # noqa: E402
@@ -24,10 +24,7 @@ def main() -> None:
     parser.add_argument('--opts', nargs='+', default=[], help='config overrides KEY VALUE ...')
     args = parser.parse_args()
     try:
-        config = get_defaults()
-        merge_config_file(config, args.cfg)
-        merge_overrides(config, args.opts)
-        validate_config(config)
+        config = load_config(args.cfg, args.opts)
     except UserError as e:
         sys.exit(f'error: {e}')
     model = build_model(config)

@@ -1,9 +1,109 @@
-"""Test-session set-up shared by every test file."""
+"""Shared pieces of the tests: the micro Focal Transformers (as constructor arguments for model
+tests, as a YAML config for training runs), tiny generated datasets and an in-process `main.py`
+runner. Test files import these names from `conftest`."""
 import os
+import subprocess
+import sys
+from typing import List
 
+import pytest
 import torch
 
 # Without a GPU, Triton kernels (the fused focal attention) run under Triton's CPU interpreter. The
 # variable must be set before the kernels are defined, i.e. before `models` is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
+
+from config import get_defaults  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A four-stage Focal Transformer small enough for a CPU test: FocalTransformer(**MICRO_FOCAL),
+# or as config keys `micro_focal_config()`.
+MICRO_FOCAL = dict(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], drop_path_rate=0.0)
+
+
+def micro_focal_config():
+    """The default config (unfrozen) with the architecture of MICRO_FOCAL."""
+    config = get_defaults()
+    config.MODEL.FOCAL.EMBED_DIM = MICRO_FOCAL['embed_dim']
+    config.MODEL.FOCAL.DEPTHS = list(MICRO_FOCAL['depths'])
+    config.MODEL.FOCAL.NUM_HEADS = list(MICRO_FOCAL['num_heads'])
+    config.MODEL.DROP_PATH_RATE = MICRO_FOCAL['drop_path_rate']
+    return config
+
+# The micro config of end-to-end runs of main.py (32 px, 10 classes, no augmentation to speak of).
+MICRO_FOCAL_YAML = """
+DATA:
+  IMG_SIZE: 32
+  BATCH_SIZE: 8
+  NUM_WORKERS: 0
+  PIN_MEMORY: False
+MODEL:
+  TYPE: focal
+  NAME: micro_focal
+  NUM_CLASSES: 10
+  DROP_PATH_RATE: 0.0
+  FOCAL:
+    EMBED_DIM: 16
+    DEPTHS: [1, 1, 1, 1]
+    NUM_HEADS: [1, 1, 2, 2]
+    WINDOW_SIZE: 4
+    FOCAL_POOL: "fc"
+    FOCAL_LEVELS: [2, 2, 2, 2]
+    FOCAL_WINDOWS: [3, 1, 1, 1]
+    EXPAND_SIZES: [1, 1, 1, 1]
+TRAIN:
+  EPOCHS: 1
+  WARMUP_EPOCHS: 0
+  BASE_LR: 1.0e-3
+AUG:
+  AUTO_AUGMENT: none
+  REPROB: 0.0
+  MIXUP: 0.0
+  CUTMIX: 0.0
+PRINT_FREQ: 2
+"""
+
+
+def write_micro_config(folder: str, extra_yaml: str = '') -> str:
+    """`micro.yaml` in `folder`: `extra_yaml` on top of the micro config (through `BASE:`, so
+    that a section in `extra_yaml` adds to the micro one instead of replacing it)."""
+    with open(os.path.join(folder, 'micro_base.yaml'), 'w') as f:
+        f.write(MICRO_FOCAL_YAML)
+    path = os.path.join(folder, 'micro.yaml')
+    with open(path, 'w') as f:
+        f.write("BASE: ['micro_base.yaml']\n" + extra_yaml)
+    return path
+
+
+def write_tiny_dataset(root: str, train_per_class: int = 4, val_per_class: int = 3) -> str:
+    """10 classes of 32 px demo images in the ImageNet folder layout."""
+    from data.demo import write_demo_dataset
+    write_demo_dataset(root, 32, train_per_class, val_per_class, seed=1)
+    return root
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory) -> str:
+    """`write_tiny_dataset` once per test session (tests must not modify it)."""
+    return write_tiny_dataset(str(tmp_path_factory.mktemp('data') / 'tiny'))
+
+
+def run_main(args: List[str]) -> int:
+    """`main.py` in this process (no interpreter start-up), forced onto the CPU."""
+    import main
+    return main.main(args + ['--device', 'cpu'])
+
+
+def run_main_subprocess(launcher: List[str], args: List[str], timeout: int = 240):
+    """`main.py` under a launcher (`torchrun ...`) in a fresh process group on the CPU."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO_ROOT)
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+    return subprocess.run([sys.executable, '-m'] + launcher + ['main.py'] + args + ['--device', 'cpu'],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Checkpoints must load with `weights_only=True`."""
+    return torch.load(path, map_location='cpu', weights_only=True)

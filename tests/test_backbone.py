@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 
 import models  # noqa: F401  (registers the timm variants)
+from conftest import MICRO_FOCAL
 from models import FocalTransformer
 from models.focal_backbone import FocalBackbone, focal_backbone
 from models.focal_fpn import focal_fpn_backbone
 
 ROOT = Path(__file__).resolve().parent.parent
-MICRO = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
 SIZES = [(224, 224), (384, 512), (600, 408)]
 
 
@@ -32,13 +32,13 @@ def single_thread():
 
 
 def micro_backbone(**kwargs) -> FocalBackbone:
-    return focal_backbone('focal_tiny', **dict(MICRO, **kwargs))
+    return focal_backbone('focal_tiny', **dict(MICRO_FOCAL, **kwargs))
 
 
 def micro_classifier(**kwargs) -> FocalTransformer:
     """The classifier with the architecture of `micro_backbone()` (same img_size: same windows)."""
     return timm.create_model('focal_tiny_patch4_window7_224', img_size=(800, 1333), num_classes=10,
-                             **dict(MICRO, **kwargs)).eval()
+                             **dict(MICRO_FOCAL, **kwargs)).eval()
 
 
 def randomise_stage_norms(backbone: FocalBackbone) -> None:
@@ -120,7 +120,7 @@ def test_backbone_features_equal_classifier_stage_outputs(height, width, caplog)
 def test_imagenet_224_checkpoint_loads_with_logged_adaptations(caplog):
     """A 224 classifier's last stage does not expand (its map equals the window); at detection
     sizes it does, so its neighbour position tables start at init, and a 1000-class head goes."""
-    classifier = timm.create_model('focal_tiny_patch4_window7_224', num_classes=1000, **MICRO)
+    classifier = timm.create_model('focal_tiny_patch4_window7_224', num_classes=1000, **MICRO_FOCAL)
     backbone = micro_backbone()
     with caplog.at_level(logging.INFO):
         backbone.load_checkpoint(classifier.state_dict())
@@ -149,7 +149,7 @@ def test_detector_checkpoint_with_backbone_prefix_loads_stage_norms(tmp_path, ca
 
 
 def test_checkpoint_of_another_architecture_is_rejected():
-    other = timm.create_model('focal_tiny_patch4_window7_224', **dict(MICRO, embed_dim=32))
+    other = timm.create_model('focal_tiny_patch4_window7_224', **dict(MICRO_FOCAL, embed_dim=32))
     with pytest.raises(ValueError, match='does not match'):
         micro_backbone().load_checkpoint(other.state_dict())
 
@@ -204,7 +204,7 @@ def test_timm_features_only_gives_stage_maps_and_feature_info():
     torch.manual_seed(0)
     classifier = micro_classifier()
     features = timm.create_model('focal_tiny_patch4_window7_224', img_size=(800, 1333), features_only=True,
-                                 out_indices=(1, 2, 3), **MICRO).eval()
+                                 out_indices=(1, 2, 3), **MICRO_FOCAL).eval()
     assert features.feature_info.channels() == [32, 64, 128]
     assert features.feature_info.reduction() == [8, 16, 32]
     features.model.load_state_dict({k: v for k, v in classifier.state_dict().items()
@@ -219,7 +219,7 @@ def test_timm_features_only_gives_stage_maps_and_feature_info():
 
 
 def test_features_only_prunes_stages_after_the_last_index():
-    features = timm.create_model('focal_tiny_patch4_window7_224', features_only=True, out_indices=(0, 1), **MICRO)
+    features = timm.create_model('focal_tiny_patch4_window7_224', features_only=True, out_indices=(0, 1), **MICRO_FOCAL)
     assert len(features.model.layers) == 2 and features.model.layers[1].downsample is None
     assert [m.shape[1] for m in features(torch.randn(1, 3, 64, 64))] == [16, 32]
 
@@ -237,7 +237,7 @@ def test_detection_training_step_reaches_the_backbone(detector):
     torch.manual_seed(0)
     height, width = 128, 160
     images, targets = demo.make_batch(2, height, width, num_classes=3)
-    model = demo.build_detectors(3, height, width, **MICRO)[detector]
+    model = demo.build_detectors(3, height, width, **MICRO_FOCAL)[detector]
     backbone = model.backbone.body
     before = backbone.body.patch_embed.proj.weight.detach().clone()
     losses = demo.train_step(model, images, targets)
@@ -255,8 +255,8 @@ def test_detection_training_step_reaches_the_backbone(detector):
 
 
 def test_fpn_layouts_for_retinanet_and_mask_rcnn():
-    retina = focal_fpn_backbone(out_indices=(1, 2, 3), extra='p6p7', **MICRO).eval()
-    mask = focal_fpn_backbone(extra='maxpool', **MICRO).eval()
+    retina = focal_fpn_backbone(out_indices=(1, 2, 3), extra='p6p7', **MICRO_FOCAL).eval()
+    mask = focal_fpn_backbone(extra='maxpool', **MICRO_FOCAL).eval()
     x = torch.randn(1, 3, 96, 160)
     with torch.no_grad():
         retina_maps, mask_maps = retina(x), mask(x)
@@ -265,4 +265,4 @@ def test_fpn_layouts_for_retinanet_and_mask_rcnn():
     assert [m.shape[-2:] for m in retina_maps.values()] == [(12, 20), (6, 10), (3, 5), (2, 3), (1, 2)]
     assert all(m.shape[1] == 256 == retina.out_channels for m in retina_maps.values())
     with pytest.raises(ValueError, match='extra'):
-        focal_fpn_backbone(extra='p6', **MICRO)
+        focal_fpn_backbone(extra='p6', **MICRO_FOCAL)

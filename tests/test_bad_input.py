@@ -7,12 +7,7 @@ import timm
 import torch
 
 import main
-from training_helpers import load_checkpoint, run_main, write_micro_config, write_tiny_dataset
-
-
-@pytest.fixture(scope='module')
-def tiny_data(tmp_path_factory) -> str:
-    return write_tiny_dataset(str(tmp_path_factory.mktemp('data') / 'tiny'))
+from conftest import load_checkpoint, run_main, write_micro_config
 
 
 def error_line(capsys) -> str:
@@ -117,3 +112,28 @@ def test_non_finite_loss_stops_without_overwriting_last_good_checkpoint(tmp_path
     assert checkpoint['epoch'] == 0
     assert all(torch.isfinite(value).all() for value in checkpoint['model'].values()
                if value.is_floating_point())
+
+
+def test_a_bug_while_building_the_model_keeps_its_traceback(tmp_path, tiny_data, monkeypatch):
+    """Only config problems are one-line errors; an exception from inside the model code is a
+    bug and must reach the user with its traceback."""
+    def broken_build(config):
+        raise RuntimeError('a bug in the model code')
+
+    monkeypatch.setattr(main, 'build_model', broken_build)
+    cfg = write_micro_config(str(tmp_path))
+    with pytest.raises(RuntimeError, match='a bug in the model code'):
+        run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', str(tmp_path / 'out')])
+
+
+def test_focal_architecture_mistake_is_a_config_error(tmp_path, capsys):
+    cfg = write_micro_config(str(tmp_path), 'MODEL:\n  FOCAL:\n    NUM_HEADS: [1, 2, 4]\n')
+    assert run_main(['--cfg', cfg, '--output', str(tmp_path / 'out')]) == 1
+    assert 'MODEL.FOCAL.NUM_HEADS has 3 entries, one per stage' in error_line(capsys)
+
+
+def test_timm_kwargs_the_model_lacks_are_a_config_error(tmp_path, tiny_data, capsys):
+    cfg = write_micro_config(str(tmp_path), 'MODEL:\n  TYPE: timm\n  TIMM:\n    NAME: resnet10t\n'
+                                            '    KWARGS:\n      no_such_arg: 3\n')
+    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', str(tmp_path / 'out')]) == 1
+    assert "MODEL.TIMM.KWARGS do not fit timm model 'resnet10t'" in error_line(capsys)

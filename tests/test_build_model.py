@@ -1,23 +1,20 @@
 """`build_model` turns configs into models and honours every model-related key."""
 import timm.models.swin_transformer as swin
 
-from config import get_defaults
+from conftest import MICRO_FOCAL, micro_focal_config
 from models import FocalTransformer, build_model
 
 
 def micro_config(model_type: str):
-    config = get_defaults()
+    """The micro Focal architecture as MODEL.FOCAL keys, and a Swin of the same widths."""
+    config = micro_focal_config()
     config.DATA.IMG_SIZE = 64
     config.MODEL.NUM_CLASSES = 5
     config.MODEL.TYPE = model_type
-    config.MODEL.FOCAL.EMBED_DIM = 16
-    config.MODEL.FOCAL.DEPTHS = [1, 1, 1, 1]
-    config.MODEL.FOCAL.NUM_HEADS = [1, 2, 2, 4]
     config.MODEL.TIMM.NAME = 'swin_tiny_patch4_window7_224'
     config.MODEL.TIMM.KWARGS.img_size = 64
-    config.MODEL.TIMM.KWARGS.embed_dim = 16
-    config.MODEL.TIMM.KWARGS.depths = [1, 1, 1, 1]
-    config.MODEL.TIMM.KWARGS.num_heads = [1, 2, 2, 4]
+    for key in ('embed_dim', 'depths', 'num_heads'):
+        config.MODEL.TIMM.KWARGS[key] = MICRO_FOCAL[key]
     config.MODEL.TIMM.KWARGS.window_size = 2
     return config
 

@@ -5,7 +5,7 @@ import os
 import pytest
 
 import main
-from config import ConfigError, get_config, run_folder
+from config import ConfigError, get_config, load_config, run_folder
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,9 +115,25 @@ def test_timm_kwargs_accept_new_keys(tmp_path):
     ('MODEL:\n  TYPE: focalv2\n', [], "MODEL.TYPE must be one of ['focal', 'timm']"),
     ('DATA:\n  BATCH_SIZE: 7\n', [], 'DATA.BATCH_SIZE must be even with mixup/cutmix'),
     ('', ['TRAIN.EPOCHS'], '--opts needs KEY VALUE pairs'),
+    ('TRAIN:\n  EPOCHS: 3\n  WARMUP_EPOCHS: 1: 2\n', [],
+     'bad.yaml:3:19 is not valid YAML: mapping values are not allowed here'),
+    ('MODEL:\n  TYPE: timm\n  TIMM:\n    NAME: resnet_nonexistent\n', [],
+     "MODEL.TIMM.NAME 'resnet_nonexistent' is not a timm model"),
+    ('MODEL:\n  FOCAL:\n    FOCAL_WINDOWS: [7, 4, 3, 1]\n', [], 'MODEL.FOCAL.FOCAL_WINDOWS must be odd'),
+    ('MODEL:\n  FOCAL:\n    EMBED_DIM: 100\n', [], r'MODEL.FOCAL.NUM_HEADS[0] = 3 does not divide'),
+    ('DATA:\n  IMG_SIZE: 24\n', [], 'inputs need 32 px or more'),
 ])
 def test_bad_config_is_an_error_naming_the_key(tmp_path, text, opts, message):
     cfg = write(tmp_path / 'bad.yaml', text)
     argv = ['--opts', *opts] if opts else []
     with pytest.raises(ConfigError, match=message.replace('[', r'\[').replace(']', r'\]')):
         get_config(args_for(cfg, *argv))
+
+
+def test_load_config_merges_file_and_overrides_frozen(tmp_path):
+    """What scripts and tests use instead of main.py's command line."""
+    cfg = write(tmp_path / 'base.yaml', 'TRAIN:\n  EPOCHS: 7\n  WARMUP_EPOCHS: 2\n')
+    config = load_config(cfg, ['TRAIN.WARMUP_EPOCHS', '3'])
+    assert (config.TRAIN.EPOCHS, config.TRAIN.WARMUP_EPOCHS) == (7, 3) and config.is_frozen()
+    with pytest.raises(ConfigError, match='TRAIN.WARMUP_EPOCHS must be in'):
+        load_config(cfg, ['TRAIN.WARMUP_EPOCHS', '8'])

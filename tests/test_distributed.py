@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from training_helpers import run_main, run_main_subprocess, write_micro_config, write_tiny_dataset
+from conftest import run_main, run_main_subprocess, write_micro_config, write_tiny_dataset
 
 
 def free_port() -> int:

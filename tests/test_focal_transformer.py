@@ -13,14 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models  # noqa: F401  (registers the timm variants)
+from conftest import MICRO_FOCAL
 from models import FocalTransformer, checkpoint_filter_fn
 from models.focal_attention import pooled_key_size, pooled_neighbourhood, surrounding_offsets
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / 'tests' / 'data' / 'golden'
 GOLDEN_NAMES = ['default224', 'shift224', 'conv224', 'res256', 'global_only']
-MICRO = dict(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], focal_levels=[2, 2, 2, 2],
-             num_classes=10, drop_path_rate=0.0)
+MICRO = dict(MICRO_FOCAL, focal_levels=[2, 2, 2, 2], num_classes=10)
 
 
 def load_golden(name: str) -> dict:

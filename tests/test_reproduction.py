@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'scripts'))
 
 import make_tables  # noqa: E402
-from config import get_defaults, merge_config_file, validate_config  # noqa: E402
+from config import load_config  # noqa: E402
 from models import build_model  # noqa: E402
 from models.complexity import count_params_m  # noqa: E402
 
@@ -74,10 +74,7 @@ TABLE_CONFIGS = sorted({row.config for table in TABLES for row in table.rows if 
 
 
 def load(path: str):
-    config = get_defaults()
-    merge_config_file(config, os.path.join(REPO, path))
-    validate_config(config)
-    return config
+    return load_config(os.path.join(REPO, path))
 
 
 @contextlib.contextmanager

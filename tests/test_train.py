@@ -8,13 +8,7 @@ import torch
 
 import main
 from config import get_config
-from training_helpers import (load_checkpoint, run_main, write_micro_config,
-                              write_tiny_dataset)
-
-
-@pytest.fixture(scope='module')
-def tiny_data(tmp_path_factory) -> str:
-    return write_tiny_dataset(str(tmp_path_factory.mktemp('data') / 'tiny'))
+from conftest import load_checkpoint, run_main, write_micro_config
 
 
 def read_metrics(run_dir: str) -> list:
