@@ -220,6 +220,7 @@ def test_torch_compile_matches_eager():
     torch.manual_seed(0)
     model = FocalTransformer(**{**MICRO, 'img_size': 64, 'use_shift': True, 'depths': [2, 2, 2, 2]}).eval()
     images = torch.randn(2, 3, 64, 64)
+    torch._dynamo.reset()  # other tests' compiled models would make parameter shapes dynamic
     with torch.no_grad():
         eager = model(images)
         compiled = torch.compile(model)(images)
@@ -235,6 +236,7 @@ def test_torch_compile_training_gives_eager_gradients_without_graph_breaks():
     model(images).sum().backward()
     eager = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
+    torch._dynamo.reset()  # other tests' compiled models would make parameter shapes dynamic
     torch.compile(model, fullgraph=True)(images).sum().backward()
     assert all(torch.allclose(e, p.grad, atol=1e-5) for e, p in zip(eager, model.parameters()))
 

@@ -28,7 +28,7 @@ CONFIGS = sorted(os.path.relpath(path, REPO)
                  for path in glob.glob(f'{REPO}/configs/**/*.yaml', recursive=True)
                  if not os.path.basename(path).startswith('_'))
 SCRIPTS = sorted(os.path.basename(path) for path in glob.glob(f'{REPO}/scripts/*.sh'))
-RUNNABLE_SCRIPTS = [name for name in SCRIPTS if name != 'common.sh']
+RUNNABLE_SCRIPTS = [name for name in SCRIPTS if name not in ('common.sh', 'gpu_checks.sh')]  # the reproduction kit
 TRAINING_SCRIPTS = [name for name in RUNNABLE_SCRIPTS if name != 'eval_released.sh']
 
 # Focal rows: the official code's counts. Swin rows: the paper's.
