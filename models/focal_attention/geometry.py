@@ -145,7 +145,10 @@ class WindowLayout:
     key_index: (nW, S) int32 positions into the key/value source [Hp*Wp fine tokens, pooled tokens
         of each level, one zero token at `zero_token`]. Pooled neighbours outside the map and the
         alignment slots (>= num_attended) point at the zero token.
-    regions: (nW, ws^2) int32 shift-region labels of each window's tokens, or None without shift.
+    key_mask: (nW, S) float additive mask of each key slot, the same for all of a window's queries:
+        -100 for pooled neighbours outside the map, -inf for alignment slots, else 0.
+    regions: (nW, ws^2) int32 shift-region labels of each window's tokens, or None without shift
+        (tokens of different regions mask each other with -100, see `region_mask`).
     shift_gather / unshift_gather: (Hp*Wp,) / (H*W,) token gathers that replace the two cyclic
         rolls of a shifted block (the second also crops the padding); None without shift.
     fine_users / pooled_users: which key slots read each fine and each pooled token (`KeyUsers`),
@@ -187,6 +190,8 @@ class WindowLayout:
         self.num_fine = padded_h * padded_w
         self.zero_token = zero_token
         self.key_index = torch.cat(key_index, 1).to(device=device, dtype=torch.int32)
+        self.key_mask = torch.where(self.key_index == zero_token, MASKED, 0.)
+        self.key_mask[:, self.num_attended:] = float('-inf')
         self.regions = shift_regions(padded_h, padded_w, ws, shift).to(device) if shift else None
         self.shift_gather = self.unshift_gather = None
         if shift:
@@ -200,23 +205,14 @@ class WindowLayout:
         self.pooled_users = KeyUsers((index - self.num_fine).masked_fill((index < self.num_fine) | (index == zero_token), -1),
                                      zero_token - self.num_fine)
 
-    def attention_mask(self) -> torch.Tensor:
-        """The layout's additive mask as one dense (nW, ws^2, S) float tensor, for attention
-        kernels that take a materialised bias: -100 across shift regions and for pooled
-        neighbours outside the map, -inf on alignment slots."""
-        area = self.window_area
-        outside = torch.where(self.key_index[:, area:] == self.zero_token, MASKED, 0.)
-        outside[:, self.num_attended - area:] = float('-inf')
-        outside = outside[:, None, :].expand(-1, area, -1)
-        if self.regions is None:
-            own = outside.new_zeros(self.num_windows, area, area)
-        else:
-            own = torch.where(self.regions[:, :, None] != self.regions[:, None, :], MASKED, 0.)
-        return torch.cat([own, outside], 2)
+    def region_mask(self) -> torch.Tensor:
+        """(nW, ws^2, ws^2) additive mask between a shifted window's own tokens: -100 across
+        image regions, else 0."""
+        return torch.where(self.regions[:, :, None] != self.regions[:, None, :], MASKED, 0.)
 
     def nbytes(self) -> int:
         """Bytes held by the layout's tensors."""
-        tensors = [self.key_index, self.regions, self.shift_gather, self.unshift_gather, self.fine_users.offsets,
+        tensors = [self.key_index, self.key_mask, self.regions, self.shift_gather, self.unshift_gather, self.fine_users.offsets,
                    self.fine_users.slots, self.pooled_users.offsets, self.pooled_users.slots]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 

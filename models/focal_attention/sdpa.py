@@ -11,6 +11,16 @@ from .geometry import WindowLayout
 from .regather import regathered_in_backward
 
 
+def window_bias(position_bias: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
+    """(nh, nW, ws^2, S) additive bias of every window: the shared position terms plus the
+    layout's masks, built from its compact per-window data in one broadcast add."""
+    bias = position_bias[:, None] + layout.key_mask[None, :, None, :]
+    if layout.regions is not None:
+        area = layout.window_area
+        bias[..., :area] += layout.region_mask()
+    return bias
+
+
 def sdpa_focal_attention(qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor], position_bias: torch.Tensor,
                          layout: WindowLayout, num_heads: int, scale: float, dropout_p: float = 0.,
                          regather_keys: bool = True) -> torch.Tensor:
@@ -31,8 +41,7 @@ def sdpa_focal_attention(qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor], p
     gathered = kv.index_select(3, key_index)
     keys, values = gathered.view(B, 2, nh * nW, -1, hd).unbind(1)
 
-    bias = position_bias[:, None] + layout.attention_mask()[None]
-    bias = bias.view(1, nh * nW, ws * ws, -1).to(q.dtype)
+    bias = window_bias(position_bias, layout).view(1, nh * nW, ws * ws, -1).to(q.dtype)
     regather = regather_keys and torch.is_grad_enabled() and not torch.compiler.is_compiling()
     saving = regathered_in_backward(gathered, kv, 3, key_index) if regather else contextlib.nullcontext()
     with saving:
