@@ -67,16 +67,18 @@ def test_fused_kernel_matches_sdpa_forward_and_every_gradient_in_float32(name):
         assert relative_error(value, expected) < 1e-5, what
 
 
-def test_fused_kernel_matches_sdpa_in_bfloat16():
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_fused_kernel_matches_sdpa_in_half_precision(dtype):
+    """Both backends in 16 bits lie as close to the fp32 reference."""
     geometry_args, height, width, num_heads, head_dim, batch = GEOMETRIES['two levels, shifted']
     torch.manual_seed(0)
     inputs = attention_inputs(geometry_args, height, width, num_heads, head_dim, batch, torch.float32)
     exact = run_backend('sdpa', *inputs, num_heads)
     layout, qkv, pooled_kv, bias, grad_out = inputs
-    low = [t.detach().bfloat16().requires_grad_() for t in (qkv, pooled_kv)]
+    low = [t.detach().to(dtype).requires_grad_() for t in (qkv, pooled_kv)]
     for backend in ('sdpa', 'fused'):
-        result = run_backend(backend, layout, low[0], low[1], bias, grad_out.bfloat16(), num_heads)
-        assert result[0].dtype == torch.bfloat16
+        result = run_backend(backend, layout, low[0], low[1], bias, grad_out.to(dtype), num_heads)
+        assert result[0].dtype == dtype
         for what, value, expected in zip(('output', 'qkv grad', 'bias grad', 'pooled grad'), result, exact):
             assert relative_error(value, expected) < 3e-2, (backend, what)
 
