@@ -3,7 +3,7 @@ an in-process `main.py` runner."""
 import os
 import subprocess
 import sys
-from typing import List
+from typing import Dict, List
 
 import torch
 
@@ -66,12 +66,20 @@ def run_main(args: List[str]) -> int:
     return main.main(args + ['--device', 'cpu'])
 
 
+def launcher_env() -> Dict[str, str]:
+    """This process's environment for a launched `main.py`: the repository first on `PYTHONPATH`,
+    ahead of (not instead of) the paths already there, which may be where the packages come
+    from; one thread per process (two share the CPU) and no GPU."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO_ROOT, env.get('PYTHONPATH')) if p)
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+    return env
+
+
 def run_main_subprocess(launcher: List[str], args: List[str], timeout: int = 240):
     """`main.py` under a launcher (`torchrun ...`) in a fresh process group on the CPU."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO_ROOT)
-    env.pop('CUDA_VISIBLE_DEVICES', None)
     return subprocess.run([sys.executable, '-m'] + launcher + ['main.py'] + args + ['--device', 'cpu'],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+                          cwd=REPO_ROOT, env=launcher_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def load_checkpoint(path: str) -> dict:
