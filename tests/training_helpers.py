@@ -1,6 +1,7 @@
 """Shared pieces of the training-code tests: a micro Focal config, tiny generated datasets and
 an in-process `main.py` runner."""
 import os
+import signal
 import subprocess
 import sys
 from typing import Dict, List
@@ -76,10 +77,20 @@ def launcher_env() -> Dict[str, str]:
     return env
 
 
-def run_main_subprocess(launcher: List[str], args: List[str], timeout: int = 240):
-    """`main.py` under a launcher (`torchrun ...`) in a fresh process group on the CPU."""
-    return subprocess.run([sys.executable, '-m'] + launcher + ['main.py'] + args + ['--device', 'cpu'],
-                          cwd=REPO_ROOT, env=launcher_env(), capture_output=True, text=True, timeout=timeout)
+def run_main_subprocess(launcher: List[str], args: List[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    """`main.py` under a launcher (`torchrun ...`) in a fresh process group on the CPU. After
+    `timeout` seconds the whole group is killed, workers too (left running, they would hold
+    the CPU for the rest of the suite), and the run returns as failed with what it printed."""
+    process = subprocess.Popen([sys.executable, '-m'] + launcher + ['main.py'] + args + ['--device', 'cpu'],
+                               cwd=REPO_ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        stderr += f'\n[killed after {timeout} s]'
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def load_checkpoint(path: str) -> dict:
