@@ -1,9 +1,9 @@
 """Shared pieces of the training-code tests: a micro Focal config, tiny generated datasets and
 an in-process `main.py` runner."""
 import os
-import signal
 import subprocess
 import sys
+import tempfile
 from typing import Dict, List
 
 import torch
@@ -78,19 +78,28 @@ def launcher_env() -> Dict[str, str]:
 
 
 def run_main_subprocess(launcher: List[str], args: List[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    """`main.py` under a launcher (`torchrun ...`) in a fresh process group on the CPU. After
-    `timeout` seconds the whole group is killed, workers too (left running, they would hold
-    the CPU for the rest of the suite), and the run returns as failed with what it printed."""
-    process = subprocess.Popen([sys.executable, '-m'] + launcher + ['main.py'] + args + ['--device', 'cpu'],
-                               cwd=REPO_ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        stderr += f'\n[killed after {timeout} s]'
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    """`main.py` under a launcher (`torchrun ...`) on the CPU. After `timeout` seconds the
+    launcher is stopped with SIGTERM, on which it stops its workers (they run in sessions of
+    their own, out of reach of a kill of the launcher's group), and the run returns as failed
+    with what it printed. Output goes through files: a worker left behind holding a pipe
+    would block the read."""
+    with tempfile.TemporaryFile('w+') as stdout, tempfile.TemporaryFile('w+') as stderr:
+        process = subprocess.Popen([sys.executable, '-m'] + launcher + ['main.py'] + args + ['--device', 'cpu'],
+                                   cwd=REPO_ROOT, env=launcher_env(), stdout=stdout, stderr=stderr, text=True)
+        note = ''
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            note = f'\n[stopped after {timeout} s]'
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        stdout.seek(0)
+        stderr.seek(0)
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout.read(), stderr.read() + note)
 
 
 def load_checkpoint(path: str) -> dict:
