@@ -334,13 +334,15 @@ def train(setup: RunSetup, outputs: RunOutputs) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run and return the exit status: 0, or 1 with one line on stderr for a user error."""
     args = parse_args(argv)
+    finished = False
     try:
         run(args)
+        finished = True
     except UserError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
     finally:
-        cleanup()
+        cleanup(finished)
     return 0
 
 

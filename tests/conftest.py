@@ -4,7 +4,8 @@ runner. Test files import these names from `conftest`."""
 import os
 import subprocess
 import sys
-from typing import List
+import tempfile
+from typing import Dict, List
 
 import pytest
 import torch
@@ -96,12 +97,39 @@ def run_main(args: List[str]) -> int:
     return main.main(args + ['--device', 'cpu'])
 
 
-def run_main_subprocess(launcher: List[str], args: List[str], timeout: int = 240):
-    """`main.py` under a launcher (`torchrun ...`) in a fresh process group on the CPU."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO_ROOT)
+def launcher_env() -> Dict[str, str]:
+    """This process's environment for a launched `main.py`: the repository first on `PYTHONPATH`,
+    ahead of (not instead of) the paths already there, which may be where the packages come
+    from; one thread per process (two share the CPU) and no GPU."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO_ROOT, env.get('PYTHONPATH')) if p)
     env.pop('CUDA_VISIBLE_DEVICES', None)
-    return subprocess.run([sys.executable, '-m'] + launcher + ['main.py'] + args + ['--device', 'cpu'],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def run_main_subprocess(launcher: List[str], args: List[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    """`main.py` under a launcher (`torchrun ...`) on the CPU. After `timeout` seconds the
+    launcher is stopped with SIGTERM, on which it stops its workers (they run in sessions of
+    their own, out of reach of a kill of the launcher's group), and the run returns as failed
+    with what it printed. Output goes through files: a worker left behind holding a pipe
+    would block the read."""
+    with tempfile.TemporaryFile('w+') as stdout, tempfile.TemporaryFile('w+') as stderr:
+        process = subprocess.Popen([sys.executable, '-m'] + launcher + ['main.py'] + args + ['--device', 'cpu'],
+                                   cwd=REPO_ROOT, env=launcher_env(), stdout=stdout, stderr=stderr, text=True)
+        note = ''
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            note = f'\n[stopped after {timeout} s]'
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        stdout.seek(0)
+        stderr.seek(0)
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout.read(), stderr.read() + note)
 
 
 def load_checkpoint(path: str) -> dict:

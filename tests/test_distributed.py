@@ -2,10 +2,12 @@
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_main, run_main_subprocess, write_micro_config, write_tiny_dataset
+from conftest import launcher_env, run_main, run_main_subprocess, write_micro_config, write_tiny_dataset
 
 
 def free_port() -> int:
@@ -66,3 +68,13 @@ def test_two_process_eval_counts_each_image_once(workspace, torchrun_training, t
     assert single['num_images'] == double['num_images'] == 29
     assert double['acc1'] == pytest.approx(single['acc1'])
     assert double['loss'] == pytest.approx(single['loss'], rel=1e-4)
+
+
+def test_launched_processes_keep_the_given_pythonpath(monkeypatch, tmp_path):
+    """Where packages come through PYTHONPATH, launched processes still find them (and the
+    repository's modules)."""
+    (tmp_path / 'only_on_given_path.py').write_text('')
+    monkeypatch.setenv('PYTHONPATH', str(tmp_path))
+    result = subprocess.run([sys.executable, '-c', 'import only_on_given_path, config'], cwd=os.sep,
+                            env=launcher_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
