@@ -10,9 +10,14 @@ import models.focal_attention as focal_attention_pkg
 from models import FocalBackbone, FocalTransformer
 from models.focal_attention import (FocalGeometry, clear_layout_cache, focal_attention, layout_cache_stats,
                                     window_layout)
-from models.focal_attention import geometry, triton_kernels
+from models.focal_attention import geometry
+from models.focal_attention.fused import triton_unavailable_reason
 
 CPU = torch.device('cpu')
+
+
+runs_fused_kernel = pytest.mark.skipif(triton_unavailable_reason() is not None,
+                                       reason=f'the fused kernel cannot run here: {triton_unavailable_reason()}')
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -56,6 +61,7 @@ GEOMETRIES = {
 }
 
 
+@runs_fused_kernel
 @pytest.mark.parametrize('name', GEOMETRIES)
 def test_fused_kernel_matches_sdpa_forward_and_every_gradient_in_float32(name):
     geometry_args, height, width, num_heads, head_dim, batch = GEOMETRIES[name]
@@ -67,6 +73,7 @@ def test_fused_kernel_matches_sdpa_forward_and_every_gradient_in_float32(name):
         assert relative_error(value, expected) < 1e-5, what
 
 
+@runs_fused_kernel
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_fused_kernel_matches_sdpa_in_half_precision(dtype):
     """Both backends in 16 bits lie as close to the fp32 reference."""
@@ -83,6 +90,7 @@ def test_fused_kernel_matches_sdpa_in_half_precision(dtype):
             assert relative_error(value, expected) < 3e-2, (backend, what)
 
 
+@runs_fused_kernel
 def test_a_planted_kernel_bug_is_caught(monkeypatch):
     """The comparison above fails when the kernel leaves out one mask term (pooled neighbours
     outside the map stop being masked)."""
@@ -90,11 +98,13 @@ def test_a_planted_kernel_bug_is_caught(monkeypatch):
     torch.manual_seed(0)
     inputs = attention_inputs(geometry_args, height, width, num_heads, head_dim, batch, torch.float32)
     reference = run_backend('sdpa', *inputs, num_heads)
+    from models.focal_attention import triton_kernels
     monkeypatch.setattr(triton_kernels, 'MASKED', 0.0)
     planted = run_backend('fused', *inputs, num_heads)
     assert relative_error(planted[0], reference[0]) > 1e-3
 
 
+@runs_fused_kernel
 def test_fused_backward_is_bitwise_repeatable_in_deterministic_mode():
     geometry_args, height, width, num_heads, head_dim, batch = GEOMETRIES['three levels, padded map']
     torch.manual_seed(0)
@@ -121,6 +131,7 @@ def model_output_and_gradients(model: FocalTransformer, images: torch.Tensor, ba
     return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+@runs_fused_kernel
 def test_fused_model_gives_the_sdpa_model_output_and_every_parameter_gradient():
     """A micro model with shift, padding (36x40 input), 1-2 pooled levels, expand 0-2 and a last
     stage no larger than its window: every parameter (qkv/proj, the three kinds of position table,
@@ -137,6 +148,7 @@ def test_fused_model_gives_the_sdpa_model_output_and_every_parameter_gradient():
         assert relative_error(grad, reference_grads[name]) < 1e-4, name
 
 
+@runs_fused_kernel
 def test_compiled_fused_model_trains_with_the_eager_gradients_in_one_graph():
     """The custom op stays inside a fullgraph torch.compile graph (layouts exist after one eager
     forward) and its registered backward gives the eager gradients."""
@@ -151,6 +163,7 @@ def test_compiled_fused_model_trains_with_the_eager_gradients_in_one_graph():
         assert relative_error(p.grad, eager[name]) < 1e-5, name
 
 
+@runs_fused_kernel
 def test_backends_share_one_checkpoint():
     torch.manual_seed(0)
     sdpa_model = FocalTransformer(**MICRO, attn_backend='sdpa').eval()
@@ -178,7 +191,7 @@ def test_auto_runs_sdpa_on_the_cpu_and_says_so_once(fresh_choices, caplog):
         model(torch.randn(1, 3, 32, 32))
         model(torch.randn(1, 3, 32, 32))
     lines = [r.getMessage() for r in caplog.records if r.name == 'models.focal_attention']
-    assert len(lines) == 1 and 'SDPA' in lines[0] and 'needs CUDA' in lines[0]
+    assert len(lines) == 1 and 'SDPA' in lines[0] and (triton_unavailable_reason() or 'needs CUDA') in lines[0]
 
 
 @pytest.mark.parametrize('setting, reason', [('interpreter off', 'needs CUDA'), ('dropout', 'attention dropout')])
@@ -195,6 +208,7 @@ def test_fused_falls_back_to_sdpa_with_one_warning(setting, reason, fresh_choice
         fallback = model(images)
         model(images)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    reason = triton_unavailable_reason() or reason
     assert len(warnings) == 1 and reason in warnings[0] and 'using SDPA' in warnings[0]
     model.set_attn_backend('sdpa')
     torch.manual_seed(1)

@@ -9,8 +9,10 @@ import torch
 
 import models  # noqa: F401  (registers the focal_* models with timm)
 from models.focal_attention import focal_attention
+from models.focal_attention.fused import triton_unavailable_reason
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU'),
+              pytest.mark.skipif(triton_unavailable_reason() is not None, reason=str(triton_unavailable_reason()))]
 CUDA = torch.device('cuda')
 
 

@@ -16,22 +16,35 @@ from torch.utils.flop_counter import register_flop_formula
 from .geometry import WindowLayout
 
 try:
+    import triton
+
     from . import triton_kernels
 except ImportError:  # PyTorch builds without Triton (e.g. CPU-only wheels)
-    triton_kernels = None
+    triton = triton_kernels = None
 
+MIN_TRITON = (3, 8)  # the oldest Triton the kernels were verified on (Triton 3.0's interpreter gives NaN)
 MAX_WINDOW_AREA = 256  # queries of a window sit in one block of at most this many rows
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PROGRAMS_PER_SM = 8  # backward: programs to keep in flight per multiprocessor
 
 
+def triton_unavailable_reason() -> Optional[str]:
+    """Why this installation cannot run the kernels at all, or None."""
+    if triton_kernels is None:
+        return 'Triton is not installed'
+    version = tuple(int(part) for part in triton.__version__.split('.')[:2])
+    if version < MIN_TRITON:
+        return f'Triton {triton.__version__} is older than {".".join(map(str, MIN_TRITON))}, the oldest it is verified on'
+    return None
+
+
 def unavailable_reason(qkv: torch.Tensor, layout: WindowLayout, num_heads: int, dropout_p: float,
                        allow_interpreter: bool = True) -> Optional[str]:
     """Why the fused kernel cannot run these inputs, or None when it can. allow_interpreter: CPU
     inputs count as runnable under TRITON_INTERPRET=1 (slow: for tests, not for 'auto')."""
-    if triton_kernels is None:
-        return 'Triton is not installed'
+    if triton_unavailable_reason() is not None:
+        return triton_unavailable_reason()
     interpreting = allow_interpreter and os.environ.get('TRITON_INTERPRET') == '1'
     if qkv.device.type != 'cuda' and not (interpreting and qkv.device.type == 'cpu'):
         return f'inputs on {qkv.device.type} (it needs CUDA{", or TRITON_INTERPRET=1 on the CPU" if allow_interpreter else ""})'
