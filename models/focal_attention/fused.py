@@ -43,8 +43,9 @@ def unavailable_reason(qkv: torch.Tensor, layout: WindowLayout, num_heads: int, 
                        allow_interpreter: bool = True) -> Optional[str]:
     """Why the fused kernel cannot run these inputs, or None when it can. allow_interpreter: CPU
     inputs count as runnable under TRITON_INTERPRET=1 (slow: for tests, not for 'auto')."""
-    if triton_unavailable_reason() is not None:
-        return triton_unavailable_reason()
+    missing = triton_unavailable_reason()
+    if missing is not None:
+        return missing
     interpreting = allow_interpreter and os.environ.get('TRITON_INTERPRET') == '1'
     if qkv.device.type != 'cuda' and not (interpreting and qkv.device.type == 'cpu'):
         return f'inputs on {qkv.device.type} (it needs CUDA{", or TRITON_INTERPRET=1 on the CPU" if allow_interpreter else ""})'
