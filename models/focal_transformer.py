@@ -28,8 +28,8 @@ from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
 
-from .focal_attention import (FocalGeometry, WindowLayout, check_backend, focal_attention,
-                              num_surrounding_keys, pooled_key_size, relative_position_index, window_layout)
+from .focal_attention import (FocalGeometry, WindowLayout, check_backend, choose_backend, num_surrounding_keys,
+                              pooled_key_size, relative_position_index, run_backend, window_layout)
 
 _logger = logging.getLogger(__name__)
 
@@ -95,6 +95,15 @@ class FocalWindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self._chosen: Tuple[tuple, str] = ((), '')  # (what the choice depends on, 'sdpa' or 'fused')
+
+    def chosen_backend(self, qkv: torch.Tensor, layout: WindowLayout, dropout_p: float) -> str:
+        """The backend `focal_attention.choose_backend` picks for these inputs, remembered on the
+        module: compiled graphs then read an attribute instead of a global cache."""
+        key = (self.attn_backend, qkv.device.type, qkv.dtype, dropout_p > 0)
+        if self._chosen[0] != key:
+            self._chosen = (key, choose_backend(self.attn_backend, qkv, layout, self.num_heads, dropout_p))
+        return self._chosen[1]
 
     def position_bias(self) -> torch.Tensor:
         """All relative position terms as one (nH, ws^2, S) tensor, the same for every window, from
@@ -121,9 +130,9 @@ class FocalWindowAttention(nn.Module):
         if pooled:
             kv_weight, kv_bias = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
             pooled_kv = F.linear(torch.cat(pooled, 1), kv_weight, kv_bias).to(qkv.dtype)
-        out = focal_attention(qkv, pooled_kv, self.position_bias(), layout, self.num_heads, self.scale,
-                              dropout_p=self.attn_drop if self.training else 0., backend=self.attn_backend,
-                              regather_keys=regather_keys)
+        dropout_p = self.attn_drop if self.training else 0.
+        out = run_backend(self.chosen_backend(qkv, layout, dropout_p), qkv, pooled_kv, self.position_bias(), layout,
+                          self.num_heads, self.scale, dropout_p, regather_keys)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
@@ -179,10 +188,16 @@ class FocalTransformerBlock(nn.Module):
             self.gamma_2 = nn.Parameter(layerscale_value * torch.ones(dim))
         else:
             self.gamma_1 = self.gamma_2 = None
+        self._layout: Optional[WindowLayout] = None
 
     def layout(self, height: int, width: int, device: torch.device) -> WindowLayout:
-        """The shared index maps of an (height, width) input map (see `focal_attention.geometry`)."""
-        return window_layout(height, width, self.attn.geometry, device)
+        """The shared index maps of an (height, width) input map (see `focal_attention.geometry`).
+        The last one is remembered on the block: compiled graphs then read an attribute instead of
+        the global cache."""
+        layout = self._layout
+        if layout is None or layout.size != (height, width) or layout.key_index.device != device:
+            layout = self._layout = window_layout(height, width, self.attn.geometry, device)
+        return layout
 
     def pool(self, x: torch.Tensor, level: int) -> torch.Tensor:
         """Pool the (B, Hp, Wp, C) map into sub-windows of side ws // 2^k, after centre-trimming or

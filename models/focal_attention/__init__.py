@@ -24,7 +24,7 @@ from .sdpa import sdpa_focal_attention
 __all__ = ['ATTN_BACKENDS', 'FocalGeometry', 'KEY_ALIGNMENT', 'MASKED', 'WindowLayout', 'check_backend', 'choose_backend',
            'clear_layout_cache', 'layout_cache_stats',
            'focal_attention', 'num_surrounding_keys', 'pooled_key_size', 'pooled_neighbourhood',
-           'relative_position_index', 'surrounding_offsets', 'window_layout']
+           'relative_position_index', 'run_backend', 'surrounding_offsets', 'window_layout']
 
 _logger = logging.getLogger(__name__)
 
@@ -75,7 +75,16 @@ def focal_attention(qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor], positi
     Returns (B, Hp*Wp, C), each token's attention output, heads concatenated.
     regather_keys: for the SDPA backend (see `sdpa_focal_attention`).
     """
-    if choose_backend(backend, qkv, layout, num_heads, dropout_p) == 'fused':
+    chosen = choose_backend(backend, qkv, layout, num_heads, dropout_p)
+    return run_backend(chosen, qkv, pooled_kv, position_bias, layout, num_heads, scale, dropout_p, regather_keys)
+
+
+def run_backend(chosen: str, qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor], position_bias: torch.Tensor,
+                layout: WindowLayout, num_heads: int, scale: float, dropout_p: float = 0.,
+                regather_keys: bool = True) -> torch.Tensor:
+    """`focal_attention` with a backend `choose_backend` already chose ('sdpa' or 'fused'), for
+    callers that remember their choice."""
+    if chosen == 'fused':
         return fused_focal_attention(qkv, pooled_kv, position_bias, layout, num_heads, scale)
     return sdpa_focal_attention(qkv, pooled_kv, position_bias, layout, num_heads, scale, dropout_p, regather_keys)
 
