@@ -135,3 +135,12 @@ def run_main_subprocess(launcher: List[str], args: List[str], timeout: int = 240
 def load_checkpoint(path: str) -> dict:
     """Checkpoints must load with `weights_only=True`."""
     return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def error_line(capsys) -> str:
+    """The run's stderr, checked to end in one `error:` line and to hold no traceback."""
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith('error: '), err
+    return last

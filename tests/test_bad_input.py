@@ -7,16 +7,7 @@ import timm
 import torch
 
 import main
-from conftest import load_checkpoint, run_main, write_micro_config
-
-
-def error_line(capsys) -> str:
-    """The run's stderr, checked to end in one `error:` line and to hold no traceback."""
-    err = capsys.readouterr().err
-    assert 'Traceback' not in err, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith('error: '), err
-    return last
+from conftest import error_line, load_checkpoint, run_main, write_micro_config
 
 
 def test_missing_data_path(tmp_path, capsys):

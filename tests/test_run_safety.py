@@ -16,20 +16,11 @@ from PIL import Image
 import checkpoint
 import main
 import run_outputs
-from conftest import REPO_ROOT, load_checkpoint, run_main, write_micro_config
+from conftest import REPO_ROOT, error_line, load_checkpoint, run_main, write_micro_config
 from config import get_config
 from data.build import build_loader, build_transform
 from data.images import ImageDataset
 from run_outputs import RunOutputs
-
-
-def error_line(capsys) -> str:
-    """The run's stderr, checked to end in one `error:` line and to hold no traceback."""
-    err = capsys.readouterr().err
-    assert 'Traceback' not in err, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith('error: '), err
-    return last
 
 
 def read_metrics(run_dir: str) -> list:
