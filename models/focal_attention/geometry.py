@@ -135,7 +135,6 @@ class KeyUsers:
         counts = torch.bincount(flat[used], minlength=num_sources)
         self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
         self.slots = order[:int(used.sum())].to(torch.int32)
-        self.num_sources = num_sources
 
 
 class WindowLayout:

@@ -21,7 +21,9 @@ out (B, T, C); lse and delta (B, T, nh) fp32.
 import triton
 import triton.language as tl
 
-MASKED = -100.0
+from . import geometry
+
+MASKED = tl.constexpr(geometry.MASKED)  # kernels may read module globals only as constexpr
 
 
 @triton.jit
