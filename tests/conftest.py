@@ -170,3 +170,13 @@ def dry_run_commands(script: str, **env: str) -> List[List[str]]:
 def main_arguments(command: List[str]) -> Optional[List[str]]:
     """The arguments a printed command passes to main.py, or None if it does not run main.py."""
     return command[command.index('main.py') + 1:] if 'main.py' in command else None
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: on a CPU shared with other processes, two threads of small
+    ops wait on each other (a scaled-down model's training step took 10-20 times longer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
