@@ -5,9 +5,10 @@ mixup/cutmix that `build_loader` gives the run, on small images of several shape
 Each random step is also run at its extremes, in place, on what it receives in the pipeline:
 every RandAugment / AutoAugment / AugMix op at magnitude 0 and at its upper bound (10 unless
 `mmax`), with and without timm's random sign flip; crops at the corners of their scale and aspect
-ranges; flips, random erasing and colour jitter at their limits; mixup and cutmix at lambda 0 and
-1. Then random draws run the whole pipeline. A step type without a known way to reach its
-extremes fails the test, so a new augmentation cannot slip in unexercised.
+ranges; random erasing at the corners of its area, aspect and count ranges; flips and colour
+jitter at their limits; mixup and cutmix at lambda 0 and 1. Then random draws run the whole
+pipeline. A step type without a known way to reach its extremes fails the test, so a new
+augmentation cannot slip in unexercised.
 """
 import copy
 import io
@@ -96,7 +97,12 @@ def step_extremes(step):
                       if getattr(step, name) is not None}
             yield f"colour jitter at {ranges}", with_attributes(step, **ranges)
     elif isinstance(step, RandomErasing):
-        yield "random erasing", with_attributes(step, probability=1.0)
+        for count in {step.min_count, step.max_count}:
+            for area in (step.min_area, step.max_area):
+                for log_ratio in step.log_aspect_ratio:
+                    yield (f"random erasing of {count} area(s) {area} at log aspect {log_ratio:.2f}",
+                           with_attributes(step, probability=1.0, min_count=count, max_count=count,
+                                           min_area=area, max_area=area, log_aspect_ratio=(log_ratio, log_ratio)))
     elif not isinstance(step, DETERMINISTIC_STEPS + POSITION_ONLY_STEPS):
         pytest.fail(f"no known extremes for the transform step {step!r}: add them to step_extremes")
 
@@ -222,6 +228,21 @@ def test_recipe_runs_randaugment_posterize_at_full_magnitude():
     image = small_images()[0]
     forced = with_attributes(op, prob=1.0, magnitude=10, magnitude_std=0)
     assert np.asarray(forced(image)).max() == 0
+
+
+# Policies no shipped config uses, whose posterize ops also ask Pillow for 0 bits or fewer:
+# plain Posterize below magnitude 2.5, PosterizeIncreasing at magnitude 10 and beyond with mmax,
+# AutoAugment's v0 policy, and AugMix.
+OTHER_POLICIES = ['rand-m9-mstd0.5', 'rand-m9-mstd0.5-inc1-mmax20', 'v0-mstd0.5', 'augmix-m10-w3']
+
+
+@pytest.mark.parametrize('policy', OTHER_POLICIES)
+def test_other_augmentation_policies_run_at_every_extreme(policy):
+    config = main_config(['--cfg', f'{REPO_ROOT}/configs/focal_tiny.yaml',
+                          '--opts', 'AUG.AUTO_AUGMENT', policy, 'DATA.IMG_SIZE', '64'])
+    pipeline = build_transform(True, config)
+    assert any(augment_ops(step) for step in pipeline.transforms)
+    exercise_training_transform(pipeline, 64)
 
 
 @pytest.mark.parametrize('mode', ['RGB', 'L'])
