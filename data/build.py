@@ -4,9 +4,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from timm.data import Mixup, create_transform
-from torchvision import transforms
-from torchvision.transforms import InterpolationMode
+from timm.data import Mixup
 from yacs.config import CfgNode as CN
 
 from config import mixup_active
@@ -15,6 +13,7 @@ from .demo import demo_dataset_dir, write_demo_dataset
 from .images import (DataError, ImageDataset, collate_eval, collate_train, folder_samples,
                      zip_samples)
 from .samplers import ShardRandomSampler, ShardSampler, WorkerSeeder
+from .transforms import build_transform
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,50 +58,6 @@ def prepare_demo_data(config: CN, is_main: bool) -> Tuple[str, bool]:
         written = write_demo_dataset(root, demo.IMAGE_SIZE, demo.TRAIN_PER_CLASS,
                                      demo.VAL_PER_CLASS, seed=config.SEED)
     return root, written
-
-
-def build_transform(is_train: bool, config: CN) -> transforms.Compose:
-    """timm's ImageNet training pipeline (random resized crop within `AUG.SCALE` / `AUG.RATIO`,
-    flip with probability `AUG.HFLIP`, RandAugment, colour jitter, random erasing), or resize +
-    centre crop for evaluation; both normalise with `DATA.MEAN` / `DATA.STD`. Images of 32 px or
-    less use a padded random crop instead of the resized crop, and for evaluation a centre crop
-    without resizing; both pad images smaller than the input size."""
-    img_size = config.DATA.IMG_SIZE
-    resize_im = img_size > 32
-    mean, std = tuple(config.DATA.MEAN), tuple(config.DATA.STD)
-    if is_train:
-        aug = config.AUG
-        transform = create_transform(
-            input_size=img_size,
-            is_training=True,
-            scale=tuple(aug.SCALE),
-            ratio=tuple(aug.RATIO),
-            hflip=aug.HFLIP,
-            color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
-            auto_augment=aug.AUTO_AUGMENT if aug.AUTO_AUGMENT != 'none' else None,
-            re_prob=aug.REPROB,
-            re_mode=aug.REMODE,
-            re_count=aug.RECOUNT,
-            interpolation=config.DATA.INTERPOLATION,
-            mean=mean,
-            std=std,
-        )
-        if not resize_im:
-            transform.transforms[0] = transforms.RandomCrop(img_size, padding=4, pad_if_needed=True)
-        return transform
-    interpolation = InterpolationMode.BICUBIC if config.DATA.INTERPOLATION == 'bicubic' \
-        else InterpolationMode.BILINEAR
-    steps = []
-    if resize_im:
-        if config.TEST.CROP:
-            steps += [transforms.Resize(int(256 / 224 * img_size), interpolation=interpolation),
-                      transforms.CenterCrop(img_size)]
-        else:
-            steps.append(transforms.Resize((img_size, img_size), interpolation=interpolation))
-    else:
-        steps.append(transforms.CenterCrop(img_size))  # pads images smaller than img_size
-    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    return transforms.Compose(steps)
 
 
 def build_dataset(is_train: bool, config: CN, data_path: str,

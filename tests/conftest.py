@@ -1,11 +1,13 @@
 """Shared pieces of the tests: the micro Focal Transformers (as constructor arguments for model
 tests, as a YAML config for training runs), tiny generated datasets and an in-process `main.py`
 runner. Test files import these names from `conftest`."""
+import glob
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 import torch
@@ -144,3 +146,37 @@ def error_line(capsys) -> str:
     last = err.strip().splitlines()[-1]
     assert last.startswith('error: '), err
     return last
+
+
+# The shipped configs (files starting with '_' are partial bases that the others inherit) and the
+# reproduction scripts with a DRY_RUN mode (common.sh is sourced by them; gpu_checks.sh runs tests
+# and benchmarks on a GPU).
+SHIPPED_CONFIGS = sorted(os.path.relpath(path, REPO_ROOT).replace(os.sep, '/')
+                         for path in glob.glob(os.path.join(REPO_ROOT, 'configs', '**', '*.yaml'), recursive=True)
+                         if not os.path.basename(path).startswith('_'))
+REPRODUCTION_SCRIPTS = sorted(os.path.basename(path) for path in glob.glob(os.path.join(REPO_ROOT, 'scripts', '*.sh'))
+                              if os.path.basename(path) not in ('common.sh', 'gpu_checks.sh'))
+
+
+def dry_run_commands(script: str, **env: str) -> List[List[str]]:
+    """The commands `scripts/<script>` prints with DRY_RUN=1 (its `+ ...` lines, shell-quoted by
+    common.sh's `run`), as argument lists."""
+    result = subprocess.run(['bash', os.path.join(REPO_ROOT, 'scripts', script)], cwd=REPO_ROOT,
+                            env=dict(os.environ, DRY_RUN='1', **env), capture_output=True, text=True)
+    assert result.returncode == 0, f"DRY_RUN=1 bash scripts/{script} failed:\n{result.stderr}"
+    return [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith('+ ')]
+
+
+def main_arguments(command: List[str]) -> Optional[List[str]]:
+    """The arguments a printed command passes to main.py, or None if it does not run main.py."""
+    return command[command.index('main.py') + 1:] if 'main.py' in command else None
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: on a CPU shared with other processes, two threads of small
+    ops wait on each other (a scaled-down model's training step took 10-20 times longer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
