@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data import images
 from data.images import DataError, ImageDataset, decode_rgb, zip_samples
 
 
@@ -51,7 +52,8 @@ def test_map_line_naming_a_member_the_zip_lacks_stops_at_start_up_naming_the_lin
     with pytest.raises(DataError) as error:
         zip_samples(str(tmp_path), 'val')
     message = str(error.value)
-    assert message.startswith(f"{map_file}:2: {tmp_path / 'val.zip'} has no member 'b.png' (and lacks 1 more that the map names)")
+    assert message.startswith(f"{map_file}:2: {tmp_path / 'val.zip'} has no member 'b.png' "
+                              f"(and lacks 1 more that the map names)")
 
 
 @pytest.mark.parametrize('map_name, archive_name', [
@@ -174,3 +176,13 @@ def test_8_bit_modes_convert_as_pillow_converts_them(mode, file_format):
     image = decode_rgb(data)
     assert image.mode == 'RGB' and image.size == (16, 12)
     assert np.array_equal(np.asarray(image), expected)
+
+
+def test_unreadable_data_folder_is_an_error_naming_it(tmp_path, monkeypatch):
+    """(Tests run as root, who reads every folder: the refusal is simulated.)"""
+    def refuse(path):
+        raise PermissionError(13, 'Permission denied', path)
+
+    monkeypatch.setattr(images.os, 'scandir', refuse)
+    with pytest.raises(DataError, match=f'^cannot read the data folder {tmp_path}: Permission denied$'):
+        images.folder_samples(str(tmp_path))
