@@ -14,6 +14,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import timm
 import yaml
+from timm.data import create_transform
 from yacs.config import CfgNode as CN
 
 from models.build import check_model_arguments, in_config_terms
@@ -517,6 +518,12 @@ def validate_config(config: CN) -> None:
     if mixup_active(config) and config.DATA.BATCH_SIZE % 2:
         raise ConfigError(f"DATA.BATCH_SIZE must be even with mixup/cutmix, "
                           f"got {config.DATA.BATCH_SIZE}")
+    if config.AUG.AUTO_AUGMENT != 'none':
+        try:  # timm's own parser of the policy string (a millisecond)
+            create_transform(input_size=32, is_training=True, auto_augment=config.AUG.AUTO_AUGMENT)
+        except (AssertionError, ValueError, KeyError) as error:
+            raise ConfigError(f"AUG.AUTO_AUGMENT {config.AUG.AUTO_AUGMENT!r} is not a policy timm reads ({error}); "
+                              f"e.g. 'rand-m9-mstd0.5-inc1', 'augmix-m5-w3', 'original' or 'none'") from None
     _validate_model_arguments(config)
 
 

@@ -279,6 +279,8 @@ def test_config_note_lists_the_values_that_are_not_defaults(tmp_path):
     ('AUG.COLOR_JITTER', '-0.4', 'AUG.COLOR_JITTER must be a number >= 0'),
     ('AUG.CUTMIX_MINMAX', '[0.8, 0.2]', 'AUG.CUTMIX_MINMAX must be null or [low, high] with 0 <= low < high <= 1'),
     ('AUG.REMODE', "'blur'", "AUG.REMODE must be one of ['const', 'rand', 'pixel']"),
+    ('AUG.AUTO_AUGMENT', "'rand-x9'", "AUG.AUTO_AUGMENT 'rand-x9' is not a policy timm reads"),
+    ('AUG.AUTO_AUGMENT', "'autoaug'", "AUG.AUTO_AUGMENT 'autoaug' is not a policy timm reads"),
     ('DATA.DEMO.IMAGE_SIZE', '0', 'DATA.DEMO.IMAGE_SIZE must be an integer >= 1'),
     ('DATA.DEMO.TRAIN_PER_CLASS', '0', 'DATA.DEMO.TRAIN_PER_CLASS must be an integer >= 1'),
     ('SEED', str(2 ** 64), 'SEED must be an integer in [-9223372036854775808, 9223372036854775807]'),
