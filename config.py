@@ -5,13 +5,19 @@
 unchanged; an unknown key or a bad value raises `ConfigError` naming the key.
 """
 import argparse
+import ast
+import logging
+import math
 import os
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import timm
 import yaml
+from timm.data import create_transform
 from yacs.config import CfgNode as CN
 
+from models.build import check_model_arguments, in_config_terms
 from utils import UserError
 
 _C = CN()
@@ -209,13 +215,106 @@ _CHOICES = {
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step'),
     'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'),
     'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
+    'AUG.REMODE': ('const', 'rand', 'pixel'),
     'AMP_OPT_LEVEL': ('', 'O0', 'O1', 'O2'),
     'AMP_DTYPE': ('auto', 'bf16', 'fp16', 'none'),
-    'MODEL.FOCAL.FOCAL_POOL': ('fc', 'mean', 'max', 'conv', 'none'),
-    'MODEL.FOCAL.EXPAND_LAYER': ('all', 'even', 'odd'),
 }
-_POSITIVE = ('DATA.BATCH_SIZE', 'DATA.IMG_SIZE', 'TRAIN.EPOCHS', 'SAVE_FREQ', 'PRINT_FREQ',
-             'TRAIN.MAX_NONFINITE_STEPS')
+
+
+@dataclass(frozen=True)
+class Numbers:
+    """Where a numeric key's value may lie: one number (`count` 0) or a list of `count` numbers,
+    each in the interval from `low` to `high` (ends open or closed), integers for counts,
+    non-decreasing with `ordered`. `text` replaces the generated description in messages."""
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    count: int = 0
+    ordered: bool = False
+    what: str = 'a number'
+    text: str = ''
+
+    def admits_one(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        return (math.isfinite(value) and (self.low < value if self.low_open else self.low <= value)
+                and (value < self.high if self.high_open else value <= self.high))
+
+    def admits(self, value: Any) -> bool:
+        if not self.count:
+            return self.admits_one(value)
+        return (isinstance(value, (list, tuple)) and len(value) == self.count
+                and all(self.admits_one(item) for item in value)
+                and (not self.ordered or list(value) == sorted(value)))
+
+    def __str__(self) -> str:
+        if self.text:
+            return self.text
+        if self.high < math.inf:
+            bounds = (f" in {'(' if self.low_open else '['}{self.low}, {self.high}"
+                      f"{')' if self.high_open else ']'}")
+        else:
+            bounds = f" {'>' if self.low_open else '>='} {self.low}" if self.low > -math.inf else ''
+        if self.count:
+            return f"{self.count} numbers{bounds}"
+        return f"{'an integer' if self.integer else self.what}{bounds}"
+
+
+def _count(low: int) -> Numbers:
+    return Numbers(low, integer=True)
+
+
+_FRACTION = Numbers(0, 1, high_open=True)      # [0, 1): smoothing, decay and momentum factors
+_PROBABILITY = Numbers(0, 1, what='a probability')
+_NON_NEGATIVE = Numbers(0)
+
+# Every numeric key of the training pipeline and where its value may lie (a value outside fails
+# deep inside torch, timm or the data loader, or silently does something else). The model's own
+# keys (MODEL.FOCAL.*, the drop rates) are checked by the model's constructor, see
+# `_validate_model_arguments`.
+_NUMBERS = {
+    'DATA.BATCH_SIZE': _count(1),
+    'DATA.IMG_SIZE': _count(1),
+    'DATA.NUM_WORKERS': _count(0),
+    'DATA.MEAN': Numbers(count=3, text='3 numbers (R, G, B)'),
+    'DATA.STD': Numbers(0, low_open=True, count=3, text='3 positive numbers (R, G, B)'),
+    'DATA.DEMO.TRAIN_PER_CLASS': _count(1),
+    'DATA.DEMO.VAL_PER_CLASS': _count(1),
+    'DATA.DEMO.IMAGE_SIZE': _count(1),
+    'MODEL.LABEL_SMOOTHING': _FRACTION,
+    'TRAIN.START_EPOCH': _count(0),
+    'TRAIN.EPOCHS': _count(1),
+    'TRAIN.WARMUP_EPOCHS': _count(0),
+    'TRAIN.WEIGHT_DECAY': _NON_NEGATIVE,
+    'TRAIN.BASE_LR': _NON_NEGATIVE,
+    'TRAIN.WARMUP_LR': _NON_NEGATIVE,
+    'TRAIN.MIN_LR': _NON_NEGATIVE,
+    'TRAIN.CLIP_GRAD': _NON_NEGATIVE,
+    'TRAIN.ACCUMULATION_STEPS': _count(0),
+    'TRAIN.MAX_NONFINITE_STEPS': _count(1),
+    'TRAIN.LR_SCHEDULER.DECAY_EPOCHS': _count(1),
+    'TRAIN.LR_SCHEDULER.DECAY_RATE': Numbers(0, 1, low_open=True),
+    'TRAIN.OPTIMIZER.EPS': Numbers(0, low_open=True),
+    'TRAIN.OPTIMIZER.BETAS': Numbers(0, 1, high_open=True, count=2),
+    'TRAIN.OPTIMIZER.MOMENTUM': _FRACTION,
+    'TRAIN.EMA.DECAY': _FRACTION,
+    'AUG.HFLIP': _PROBABILITY,
+    'AUG.SCALE': Numbers(0, 1, low_open=True, count=2, ordered=True,
+                         text='[low, high] with 0 < low <= high <= 1'),
+    'AUG.RATIO': Numbers(0, low_open=True, count=2, ordered=True, text='[low, high] with 0 < low <= high'),
+    'AUG.COLOR_JITTER': _NON_NEGATIVE,
+    'AUG.REPROB': _PROBABILITY,
+    'AUG.RECOUNT': _count(1),
+    'AUG.MIXUP': _NON_NEGATIVE,
+    'AUG.CUTMIX': _NON_NEGATIVE,
+    'AUG.MIXUP_PROB': _PROBABILITY,
+    'AUG.MIXUP_SWITCH_PROB': _PROBABILITY,
+    'SAVE_FREQ': _count(1),
+    'PRINT_FREQ': _count(1),
+    'SEED': Numbers(-2 ** 63, 2 ** 63 - 1, integer=True),
+}
 
 
 class ConfigError(UserError):
@@ -234,23 +333,118 @@ def _lookup(config: CN, dotted_key: str) -> Any:
     return node
 
 
+def _leaves(node: CN, prefix: str = '') -> Iterator[Tuple[str, Any]]:
+    """(dotted key, value) of every value below `node`; a section of free-form keys
+    (MODEL.TIMM.KWARGS) counts as one value."""
+    for key, value in node.items():
+        if isinstance(value, CN) and not value.is_new_allowed():
+            yield from _leaves(value, f'{prefix}{key}.')
+        else:
+            yield f'{prefix}{key}', value
+
+
 def merge_config_file(config: CN, cfg_file: str) -> None:
-    """Merge `cfg_file` into `config`, after the files its `BASE:` list names (recursively)."""
+    """Merge `cfg_file` into `config`, after the files its `BASE:` list names (recursively;
+    a file that includes itself, directly or through others, is an error)."""
+    _merge_file(config, cfg_file, ())
+
+
+def _merge_file(config: CN, cfg_file: str, including: Tuple[str, ...]) -> None:
+    """`including`: the files whose `BASE:` led here, outermost first."""
+    named_in = f" (named in BASE of {including[-1]})" if including else ''
+    if os.path.isdir(cfg_file):
+        raise ConfigError(f"config file {cfg_file}{named_in} is a folder: name a YAML file")
     if not os.path.isfile(cfg_file):
-        raise ConfigError(f"config file not found: {cfg_file}")
+        raise ConfigError(f"config file not found: {cfg_file}{named_in}")
+    if any(os.path.samefile(cfg_file, outer) for outer in including):
+        chain = ' -> '.join(including + (cfg_file,))
+        raise ConfigError(f"config files include each other in a cycle through BASE: {chain}; remove one "
+                          f"of those BASE entries")
+    values = read_config_file(cfg_file)
+    for base in base_files(values.pop('BASE', None), cfg_file):
+        _merge_file(config, os.path.join(os.path.dirname(cfg_file), base), including + (cfg_file,))
+    _merge_values(config, values, cfg_file)
+
+
+def read_config_file(cfg_file: str) -> dict:
+    """The top-level mapping of a YAML config file (empty for an empty file)."""
     try:
-        with open(cfg_file) as f:
-            yaml_cfg = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{yaml_error_place(cfg_file, e)} is not valid YAML: "
-                          f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
-    for base in yaml_cfg.get('BASE', ['']) or ['']:
-        if base:
-            merge_config_file(config, os.path.join(os.path.dirname(cfg_file), base))
+        with open(cfg_file, 'rb') as f:  # bytes: PyYAML checks the encoding and names the position
+            values = yaml.safe_load(f)
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {cfg_file}: {error.strerror}") from None
+    except yaml.reader.ReaderError as error:
+        raise ConfigError(f"{cfg_file} is not a YAML text file (byte {error.position}: {error.reason}): "
+                          f"--cfg and BASE take YAML config files") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{yaml_error_place(cfg_file, error)} is not valid YAML: "
+                          f"{getattr(error, 'problem', None) or str(error).splitlines()[0]}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{cfg_file} holds a YAML {type(values).__name__}, not a mapping of config keys "
+                          f"(lines like 'TRAIN:' and '  EPOCHS: 300')")
+    return values
+
+
+def base_files(base: Any, cfg_file: str) -> List[str]:
+    """The files of a `BASE:` entry: a list of names (the official form) or one name."""
+    names = [base] if isinstance(base, str) else base if isinstance(base, list) else None
+    if base is not None and (names is None or not all(isinstance(name, str) for name in names)):
+        raise ConfigError(f"{cfg_file}: BASE must be a list of config file names, got {base!r}")
+    return [name for name in names or [] if name]
+
+
+def _merge_values(config: CN, values: dict, where: str) -> None:
+    """Merge a nested dict of config values, checked against the keys and types in `config`;
+    `where` (a file, or --opts) starts the messages."""
+    _conform(values, config, where, '')
     try:
-        config.merge_from_other_cfg(CN(yaml_cfg))
+        config.merge_from_other_cfg(CN(values))
     except (KeyError, ValueError, AssertionError) as e:
-        raise ConfigError(f"{cfg_file}: {_yacs_message(e)}") from None
+        raise ConfigError(f"{where}: {_yacs_message(e)}") from None
+
+
+def _conform(values: dict, node: CN, where: str, prefix: str) -> None:
+    """Check that `values` fit the sections and value types of `node`, in place turning what
+    can only mean a float (an int, or '1e-3', which PyYAML reads as a string) into one."""
+    for key, value in values.items():
+        full_key = f'{prefix}{key}'
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: config keys are names, got {full_key!r}")
+        if key not in node:
+            if node.is_new_allowed():
+                continue
+            raise ConfigError(f"{where}: unknown config key: {full_key}")
+        default = node[key]
+        if isinstance(default, CN):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {full_key} is a section of keys ({', '.join(list(default)[:3])}, ...), "
+                                  f"got {value!r}")
+            _conform(value, default, where, full_key + '.')
+        elif default is not None:
+            if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+                value = values[key] = _as_float(value)
+            if not _same_kind(value, default):
+                raise ConfigError(f"{where}: {full_key} must be {_KINDS.get(type(default), 'a list')}, got "
+                                  f"{'null' if value is None else repr(value)}")
+
+
+_KINDS = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string'}
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return type(value) is type(default)
+
+
+def _as_float(value: Any) -> Any:
+    """`value` as a float where it reads as one, else unchanged."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def yaml_error_place(cfg_file: str, error: yaml.YAMLError) -> str:
@@ -260,13 +454,31 @@ def yaml_error_place(cfg_file: str, error: yaml.YAMLError) -> str:
 
 
 def merge_overrides(config: CN, opts: list) -> None:
-    """Merge `--opts KEY VALUE ...` pairs."""
+    """Merge `--opts KEY VALUE ...` pairs (values read as Python literals, else as strings)."""
     if len(opts) % 2:
         raise ConfigError(f"--opts needs KEY VALUE pairs, got an odd number of items: {opts}")
+    values: dict = {}
+    for key, text in zip(opts[::2], opts[1::2]):
+        if key == 'BASE':
+            raise ConfigError("--opts cannot set BASE: name base files in the config file")
+        *sections, leaf = key.split('.')
+        node = values
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--opts: {key} is not a config key ({section} is a value)")
+        node[leaf] = _literal(text)
+    _merge_values(config, values, '--opts')
+
+
+def _literal(text: Any) -> Any:
+    """yacs' reading of an override: a Python literal (`10`, `[2, 2]`, `True`), else the string."""
+    if not isinstance(text, str):
+        return text
     try:
-        config.merge_from_list(opts)
-    except (KeyError, ValueError, AssertionError) as e:
-        raise ConfigError(f"--opts: {_yacs_message(e)}") from None
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def _yacs_message(error: Exception) -> str:
@@ -277,79 +489,74 @@ def _yacs_message(error: Exception) -> str:
 
 
 def validate_config(config: CN) -> None:
-    """Reject values the code would otherwise misread or fail on deep inside a run."""
+    """Reject values the code would otherwise misread or fail on deep inside a run: the config's
+    own rules here, the model's through its constructor."""
     for key, choices in _CHOICES.items():
         value = _lookup(config, key)
         if value not in choices:
             raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
-    for key in _POSITIVE:
-        if _lookup(config, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {_lookup(config, key)!r}")
+    for key, numbers in _NUMBERS.items():
+        value = _lookup(config, key)
+        if not numbers.admits(value):
+            raise ConfigError(f"{key} must be {numbers}, got {value!r}")
     if config.MODEL.TYPE == 'timm' and not timm.is_model(config.MODEL.TIMM.NAME):
         raise ConfigError(f"MODEL.TIMM.NAME {config.MODEL.TIMM.NAME!r} is not a timm model "
                           f"(MODEL.TYPE is 'timm')")
-    if config.MODEL.TYPE == 'focal':
-        validate_focal_config(config)
-    if config.TRAIN.WARMUP_EPOCHS < 0 or config.TRAIN.WARMUP_EPOCHS > config.TRAIN.EPOCHS:
+    if config.MODEL.TYPE == 'focal' and config.MODEL.FOCAL.IN_CHANS != 3:
+        raise ConfigError(f"MODEL.FOCAL.IN_CHANS must be 3, the RGB images the data loader gives, got "
+                          f"{config.MODEL.FOCAL.IN_CHANS!r}")
+    if config.TRAIN.WARMUP_EPOCHS > config.TRAIN.EPOCHS:
         raise ConfigError(f"TRAIN.WARMUP_EPOCHS must be in [0, TRAIN.EPOCHS], "
                           f"got {config.TRAIN.WARMUP_EPOCHS!r}")
-    if config.TRAIN.ACCUMULATION_STEPS < 0:
-        raise ConfigError(f"TRAIN.ACCUMULATION_STEPS must be >= 0, "
-                          f"got {config.TRAIN.ACCUMULATION_STEPS!r}")
+    if config.TRAIN.START_EPOCH >= config.TRAIN.EPOCHS:
+        raise ConfigError(f"TRAIN.START_EPOCH must be below TRAIN.EPOCHS ({config.TRAIN.EPOCHS}), "
+                          f"got {config.TRAIN.START_EPOCH!r}")
+    minmax = config.AUG.CUTMIX_MINMAX
+    if minmax is not None and not (Numbers(0, 1, count=2).admits(minmax) and minmax[0] < minmax[1]):
+        raise ConfigError(f"AUG.CUTMIX_MINMAX must be null or [low, high] with 0 <= low < high <= 1, "
+                          f"got {minmax!r}")
     if mixup_active(config) and config.DATA.BATCH_SIZE % 2:
         raise ConfigError(f"DATA.BATCH_SIZE must be even with mixup/cutmix, "
                           f"got {config.DATA.BATCH_SIZE}")
-    if not 0.0 <= config.TRAIN.EMA.DECAY < 1.0:
-        raise ConfigError(f"TRAIN.EMA.DECAY must be in [0, 1), got {config.TRAIN.EMA.DECAY!r}")
-    _validate_augmentation(config)
+    if config.AUG.AUTO_AUGMENT != 'none':
+        try:  # timm's own parser of the policy string (a millisecond)
+            create_transform(input_size=32, is_training=True, auto_augment=config.AUG.AUTO_AUGMENT)
+        except (AssertionError, ValueError, KeyError) as error:
+            raise ConfigError(f"AUG.AUTO_AUGMENT {config.AUG.AUTO_AUGMENT!r} is not a policy timm reads ({error}); "
+                              f"e.g. 'rand-m9-mstd0.5-inc1', 'augmix-m5-w3', 'original' or 'none'") from None
+    _validate_model_arguments(config)
 
 
-def _numbers(value: Any, count: int) -> bool:
-    return (isinstance(value, (list, tuple)) and len(value) == count
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value))
+def _validate_model_arguments(config: CN) -> None:
+    """The model constructor's own argument checks (run without building weights, see
+    `models.build.check_model_arguments`), their ValueError reworded with the config keys."""
+    try:
+        check_model_arguments(config)
+    except ValueError as error:
+        message = in_config_terms(config, str(error))
+        if message is None:  # names none of the model's arguments: a bug, which keeps its traceback
+            raise
+        raise ConfigError(message) from None
 
 
-def _validate_augmentation(config: CN) -> None:
-    """The flip probability, crop ranges and normalisation the transforms are built with."""
-    hflip = config.AUG.HFLIP
-    if not _numbers([hflip], 1) or not 0.0 <= hflip <= 1.0:
-        raise ConfigError(f"AUG.HFLIP must be a probability in [0, 1], got {hflip!r}")
-    scale, ratio = config.AUG.SCALE, config.AUG.RATIO
-    if not _numbers(scale, 2) or not 0 < scale[0] <= scale[1] <= 1:
-        raise ConfigError(f"AUG.SCALE must be [low, high] with 0 < low <= high <= 1, "
-                          f"got {scale!r}")
-    if not _numbers(ratio, 2) or not 0 < ratio[0] <= ratio[1]:
-        raise ConfigError(f"AUG.RATIO must be [low, high] with 0 < low <= high, got {ratio!r}")
-    mean, std = config.DATA.MEAN, config.DATA.STD
-    if not _numbers(mean, 3):
-        raise ConfigError(f"DATA.MEAN must be 3 numbers (R, G, B), got {mean!r}")
-    if not _numbers(std, 3) or min(std) <= 0:
-        raise ConfigError(f"DATA.STD must be 3 positive numbers (R, G, B), got {std!r}")
+def changed_keys(config: CN) -> List[str]:
+    """The keys whose values differ from config.py's defaults."""
+    defaults = dict(_leaves(_C))
+    return [key for key, value in _leaves(config)
+            if key != 'BASE' and (key not in defaults or config_to_dict(value) != config_to_dict(defaults[key]))]
 
 
-def validate_focal_config(config: CN) -> None:
-    """The architecture keys of MODEL.FOCAL, checked here so that the model's constructor
-    only fails on bugs (which keep their traceback)."""
-    focal = config.MODEL.FOCAL
-    num_stages = len(focal.DEPTHS)
-    for key in ('NUM_HEADS', 'FOCAL_LEVELS', 'FOCAL_WINDOWS', 'EXPAND_SIZES'):
-        if len(focal[key]) != num_stages:
-            raise ConfigError(f"MODEL.FOCAL.{key} has {len(focal[key])} entries, one per stage "
-                              f"of MODEL.FOCAL.DEPTHS ({num_stages})")
-    if any(window % 2 == 0 for window in focal.FOCAL_WINDOWS):
-        raise ConfigError(f"MODEL.FOCAL.FOCAL_WINDOWS must be odd, got {list(focal.FOCAL_WINDOWS)}")
-    for stage, heads in enumerate(focal.NUM_HEADS):
-        dim = focal.EMBED_DIM * 2 ** stage
-        if heads <= 0 or dim % heads:
-            raise ConfigError(f"MODEL.FOCAL.NUM_HEADS[{stage}] = {heads} does not divide the "
-                              f"stage's width {dim} (EMBED_DIM x 2^{stage})")
-    # Each stage after the first halves the resolution; the last one needs at least one token.
-    smallest = focal.PATCH_SIZE * 2 ** (num_stages - 1)
-    if config.DATA.IMG_SIZE < smallest:
-        raise ConfigError(f"DATA.IMG_SIZE {config.DATA.IMG_SIZE} is too small for this Focal "
-                          f"Transformer: with PATCH_SIZE {focal.PATCH_SIZE} and {num_stages} "
-                          f"stages inputs need {smallest} px or more (smaller images are padded "
-                          f"to DATA.IMG_SIZE)")
+def defaults_note(config: CN, cfg_file: str) -> Tuple[int, str]:
+    """The log level and line that say which values of a run are not config.py's defaults; a
+    warning when the model and training keys all are (an empty config file, say)."""
+    changed = changed_keys(config)
+    listed = ', '.join(f'{key} {_lookup(config, key)!r}' for key in changed) or 'none'
+    line = f"config {cfg_file}: values other than config.py's defaults: {listed}"
+    if any(key.startswith(('MODEL.', 'TRAIN.')) for key in changed):
+        return logging.INFO, line
+    return logging.WARNING, (f"{line}. The model and training recipe are all config.py's defaults: "
+                             f"{config.MODEL.NAME} for {config.TRAIN.EPOCHS} epochs; is {cfg_file} the "
+                             f"config you meant?")
 
 
 def mixup_active(config: CN) -> bool:

@@ -27,7 +27,7 @@ from yacs.config import CfgNode as CN
 from checkpoint import (BEST_CHECKPOINT, epoch_checkpoint_name, latest_checkpoint,
                         load_for_evaluation, load_pretrained, non_finite_entries, read_checkpoint,
                         restore_training, training_state)
-from config import (ConfigError, accumulation_steps, config_to_dict, dump_config, get_config,
+from config import (ConfigError, accumulation_steps, config_to_dict, defaults_note, dump_config, get_config,
                     run_folder)
 from data import Loaders, build_loader, prepare_demo_data
 from distributed import DistContext, barrier, cleanup, init_distributed
@@ -147,6 +147,8 @@ def run(args: argparse.Namespace) -> None:
         logger = create_logger(outputs.folder, ctx.rank)
         logger.info(f"run folder {outputs.folder}, process {ctx.rank}/{ctx.world_size} on "
                     f"{ctx.device}")
+        if ctx.is_main:
+            logger.log(*defaults_note(config, args.cfg))
         for path in outputs.remove_stale_temporary_files():
             logger.info(f"removed {path}, the partial file of a save that was interrupted")
         # --eval: the checkpoint's class list (ours store one) orders the validation classes.

@@ -338,17 +338,45 @@ class FocalTransformer(nn.Module):
                  expand_layer: str = 'all', use_conv_embed: bool = False, use_layerscale: bool = False,
                  layerscale_value: float = 1e-4, use_pre_norm: bool = False, attn_backend: str = 'auto', **kwargs):
         super().__init__()
+        # Argument checks: ValueError naming the argument (models.build rewords it with the config key).
+        def integers(values, low):  # ints (NumPy's too, not bools) of at least `low`
+            return all(hasattr(v, '__index__') and not isinstance(v, bool) and v >= low for v in values)
+
         num_stages = len(depths)
+        if not num_stages or not integers(depths, 1):
+            raise ValueError(f'depths must be one positive integer per stage, got {list(depths)}')
         for name, values in (('num_heads', num_heads), ('focal_levels', focal_levels),
                              ('focal_windows', focal_windows), ('expand_sizes', expand_sizes)):
             if len(values) != num_stages:
-                raise ValueError(f'{name} has {len(values)} entries, depths has {num_stages}')
+                raise ValueError(f'{name} has {len(values)} entries, one per stage of depths ({num_stages})')
+        for name, value, low in (('embed_dim', embed_dim, 1), ('patch_size', patch_size, 1), ('in_chans', in_chans, 1),
+                                 ('window_size', window_size, 1), ('num_classes', num_classes, 0)):
+            if not integers([value], low):
+                raise ValueError(f'{name} must be an integer >= {low}, got {value!r}')
+        for stage, heads in enumerate(num_heads):
+            if not integers([heads], 1) or (embed_dim * 2 ** stage) % heads:
+                raise ValueError(f"num_heads[{stage}] = {heads!r} does not divide the stage's width "
+                                 f"{embed_dim * 2 ** stage} (embed_dim x 2^{stage})")
+        if not integers(focal_levels, 1):
+            raise ValueError(f'focal_levels must be integers >= 1, got {list(focal_levels)}')
+        if not integers(focal_windows, 1) or any(w % 2 == 0 for w in focal_windows):
+            raise ValueError(f'focal_windows must be odd positive integers, got {list(focal_windows)}')
+        if not integers(expand_sizes, 0):
+            raise ValueError(f'expand_sizes must be integers >= 0, got {list(expand_sizes)}')
+        if not 0 < mlp_ratio < math.inf:
+            raise ValueError(f'mlp_ratio must be a positive number, got {mlp_ratio!r}')
+        for name, rate in (('drop_rate', drop_rate), ('attn_drop_rate', attn_drop_rate),
+                           ('drop_path_rate', drop_path_rate)):
+            if not 0 <= rate < 1:
+                raise ValueError(f'{name} must lie in [0, 1), got {rate!r}')
         if focal_pool not in POOL_METHODS:
             raise ValueError(f'focal_pool must be one of {POOL_METHODS}, got {focal_pool!r}')
         if expand_layer not in EXPAND_LAYERS:
             raise ValueError(f'expand_layer must be one of {EXPAND_LAYERS}, got {expand_layer!r}')
-        if any(w % 2 == 0 for w in focal_windows):
-            raise ValueError(f'focal_windows must be odd, got {list(focal_windows)}')
+        smallest = patch_size * 2 ** (num_stages - 1)  # each stage after the first halves the map
+        if min(to_2tuple(img_size)) < smallest:
+            raise ValueError(f'img_size {img_size} is too small: with patch_size {patch_size} and {num_stages} '
+                             f'stages inputs need {smallest} px or more (the last stage needs one token)')
         if kwargs:
             _logger.warning('FocalTransformer ignores unknown arguments %s', sorted(kwargs))
 

@@ -1,6 +1,8 @@
 """Each kind of bad input gives one clear line on stderr and exit status 1 (no traceback)."""
+import glob
 import os
 import shutil
+import zipfile
 
 import pytest
 import timm
@@ -128,3 +130,54 @@ def test_timm_kwargs_the_model_lacks_are_a_config_error(tmp_path, tiny_data, cap
                                             '    KWARGS:\n      no_such_arg: 3\n')
     assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', str(tmp_path / 'out')]) == 1
     assert "MODEL.TIMM.KWARGS do not fit timm model 'resnet10t'" in error_line(capsys)
+
+
+def test_zip_map_naming_a_member_the_archive_lacks_stops_before_training(tmp_path, tiny_data, capsys):
+    zipped = tmp_path / 'zipped'
+    zipped.mkdir()
+    for split in ('train', 'val'):
+        with zipfile.ZipFile(zipped / f'{split}.zip', 'w') as archive, \
+                open(zipped / f'{split}_map.txt', 'w') as map_file:
+            for index, name in enumerate(sorted(os.listdir(os.path.join(tiny_data, split)))):
+                for image in sorted(os.listdir(os.path.join(tiny_data, split, name))):
+                    archive.write(os.path.join(tiny_data, split, name, image), f'{split}/{name}/{image}')
+                    map_file.write(f'{name}/{image}\t{index}\n')  # without the archive's folder prefix
+    cfg = write_micro_config(str(tmp_path))
+    output = tmp_path / 'out'
+    assert run_main(['--cfg', cfg, '--data-path', str(zipped), '--zip', '--output', str(output)]) == 1
+    first_class = sorted(os.listdir(os.path.join(tiny_data, 'train')))[0]
+    first = f"{first_class}/{sorted(os.listdir(os.path.join(tiny_data, 'train', first_class)))[0]}"
+    assert error_line(capsys).startswith(
+        f"error: {zipped / 'train_map.txt'}:1: {zipped / 'train.zip'} has no member '{first}' (and lacks 39 more "
+        f"that the map names); the archive has 'train/{first}': make the map's member names those of the archive")
+    assert not glob.glob(str(output / '**' / '*.pth'), recursive=True)
+
+
+def test_config_that_includes_itself_is_one_error_line(tmp_path, capsys):
+    cfg = tmp_path / 'loop.yaml'
+    cfg.write_text("BASE: ['loop.yaml']\n")
+    assert run_main(['--cfg', str(cfg), '--output', str(tmp_path / 'out')]) == 1
+    assert f'config files include each other in a cycle through BASE: {cfg} -> {cfg}' in error_line(capsys)
+
+
+@pytest.mark.parametrize('key, value', [('DATA.NUM_WORKERS', '-1'), ('MODEL.DROP_PATH_RATE', '1.5'),
+                                        ('MODEL.DROP_RATE', '2.0'), ('TRAIN.BASE_LR', '-1.0')])
+def test_value_out_of_range_stops_the_run_with_one_line_naming_the_key(tmp_path, tiny_data, capsys, key, value):
+    cfg = write_micro_config(str(tmp_path))
+    output = tmp_path / 'out'
+    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', str(output), '--opts', key, value]) == 1
+    assert error_line(capsys).startswith(f'error: {key} must ')
+    assert not output.exists()
+
+
+def test_empty_config_logs_that_the_defaults_run(tmp_path, capsys):
+    cfg = tmp_path / 'empty.yaml'
+    cfg.write_text('')
+    output = tmp_path / 'out'
+    assert run_main(['--cfg', str(cfg), '--data-path', str(tmp_path / 'nowhere'), '--output', str(output)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1].startswith('error: data path not found')
+    with open(output / 'focal_tiny_patch4_window7_224' / 'default' / 'log_rank0.txt') as log:
+        assert "WARNING config " + str(cfg) + ": values other than config.py's defaults: DATA.DATA_PATH" in log.read()
+    assert 'The model and training recipe are all config.py\'s defaults: focal_tiny_patch4_window7_224 for 300 ' \
+           'epochs' in captured.out
