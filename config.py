@@ -12,6 +12,7 @@ import timm
 import yaml
 from yacs.config import CfgNode as CN
 
+from models.focal_attention import ATTN_BACKENDS
 from utils import UserError
 
 _C = CN()
@@ -203,7 +204,7 @@ _C.LOCAL_RANK = 0
 
 _CHOICES = {
     'MODEL.TYPE': ('focal', 'timm'),
-    'MODEL.FOCAL.ATTN_BACKEND': ('auto', 'sdpa', 'fused'),
+    'MODEL.FOCAL.ATTN_BACKEND': ATTN_BACKENDS,
     'DATA.CACHE_MODE': ('no', 'full', 'part'),
     'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic'),
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step'),
