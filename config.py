@@ -18,6 +18,7 @@ from timm.data import create_transform
 from yacs.config import CfgNode as CN
 
 from models.build import check_model_arguments, in_config_terms
+from models.focal_attention import ATTN_BACKENDS
 from utils import UserError
 
 _C = CN()
@@ -101,7 +102,7 @@ _C.MODEL.FOCAL.USE_CONV_EMBED = False
 _C.MODEL.FOCAL.USE_LAYERSCALE = False
 _C.MODEL.FOCAL.LAYERSCALE_VALUE = 1e-4
 _C.MODEL.FOCAL.USE_PRE_NORM = False
-# How focal attention runs: 'auto' (the fused Triton kernel where it can run, else SDPA), 'sdpa', 'fused'.
+# How focal attention runs: 'auto' (SDPA, except on GPU architectures where the fused kernel was verified), 'sdpa', 'fused'.
 _C.MODEL.FOCAL.ATTN_BACKEND = 'auto'
 
 # timm baselines (MODEL.TYPE timm): timm.create_model(NAME, **KWARGS).
@@ -209,7 +210,7 @@ _C.LOCAL_RANK = 0
 
 _CHOICES = {
     'MODEL.TYPE': ('focal', 'timm'),
-    'MODEL.FOCAL.ATTN_BACKEND': ('auto', 'sdpa', 'fused'),
+    'MODEL.FOCAL.ATTN_BACKEND': ATTN_BACKENDS,
     'DATA.CACHE_MODE': ('no', 'full', 'part'),
     'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic'),
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step'),

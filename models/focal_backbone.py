@@ -128,7 +128,8 @@ class FocalBackbone(nn.Module):
         `module.` prefixes allowed) or a detector checkpoint whose backbone keys start with
         `backbone.`. The body's weights go through `checkpoint_filter_fn` and load strictly; the
         stage norms load from `norm{i}` keys when present, else are initialised (weight 1, bias
-        0). Every adaptation is logged; a checkpoint of another architecture raises ValueError."""
+        0). Every adaptation is logged; a checkpoint of another architecture raises ValueError, a
+        missing or unreadable file `checkpoint.CheckpointError`."""
         state_dict = _read_state_dict(checkpoint)
         stage_norms, body = {}, {}
         for name, value in state_dict.items():
@@ -175,9 +176,12 @@ def focal_backbone(variant: str = 'focal_tiny', **kwargs) -> FocalBackbone:
 
 def _read_state_dict(checkpoint: Checkpoint) -> Dict[str, torch.Tensor]:
     """The flat state dict of a checkpoint file or dict: unwrapped from 'model' / 'state_dict',
-    `module.` prefixes removed, and, for a detector checkpoint, only the `backbone.` keys, unprefixed."""
+    `module.` prefixes removed, and, for a detector checkpoint, only the `backbone.` keys, unprefixed.
+    A file is read by `checkpoint.read_checkpoint`: a missing or unreadable one is a one-line
+    `CheckpointError`."""
     if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=True)
+        from checkpoint import read_checkpoint  # imported here: checkpoint imports the models package
+        checkpoint = read_checkpoint(os.fspath(checkpoint))
     state_dict = unwrap_state_dict(checkpoint)
     backbone = {k[len('backbone.'):]: v for k, v in state_dict.items() if k.startswith('backbone.')}
     if backbone:

@@ -28,8 +28,9 @@ from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
 
-from .focal_attention import (FocalGeometry, WindowLayout, check_backend, choose_backend, num_surrounding_keys,
-                              pooled_key_size, relative_position_index, run_backend, window_layout)
+from .focal_attention import (BackendRecord, FocalGeometry, WindowLayout, check_backend, focal_attention,
+                              stage_block_shift_and_expand, window_layout)
+from .focal_attention.geometry import SURROUNDINGS, WINDOW
 
 _logger = logging.getLogger(__name__)
 
@@ -43,76 +44,77 @@ class FocalWindowAttention(nn.Module):
     """Focal self-attention of each ws x ws query window over its own tokens, its fine-grained
     surroundings and the pooled tokens of neighbouring windows at each coarser level.
 
-    Parameter names and shapes follow the official `WindowAttention`. shift_size: the block's
-    cyclic shift (its windows then mask across image regions). attn_backend: see `focal_attention`.
+    geometry: the block's key sets (`FocalGeometry.of_block`). The module holds one position-bias
+    table per key group, with the names and shapes of the official `WindowAttention`, and the
+    geometry's index into them. attn_backend: see `focal_attention`.
     """
 
-    def __init__(self, dim: int, expand_size: int, window_size: int, focal_window: int, focal_level: int,
-                 num_heads: int, qkv_bias: bool = True, qk_scale: Optional[float] = None,
-                 attn_drop: float = 0., proj_drop: float = 0., pool_method: str = 'none', shift_size: int = 0,
+    def __init__(self, dim: int, geometry: FocalGeometry, num_heads: int, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, attn_drop: float = 0., proj_drop: float = 0.,
                  attn_backend: str = 'auto'):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
         self.dim = dim
         self.num_heads = num_heads
-        self.window_size = window_size
+        self.geometry = geometry
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.attn_drop = attn_drop
         self.attn_backend = check_backend(attn_backend)
-        area = window_size * window_size
+        self.backend_record = BackendRecord()
 
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        position_index = [relative_position_index(window_size, window_size)]
-        table_size = (2 * window_size - 1) ** 2
-
-        expand_size = expand_size if focal_level > 0 else 0
-        self.num_surrounding = num_surrounding_keys(window_size, expand_size)
-        if self.num_surrounding:
-            self.relative_position_bias_table_to_neighbors = nn.Parameter(
-                torch.zeros(1, num_heads, area, self.num_surrounding))
-            trunc_normal_(self.relative_position_bias_table_to_neighbors, std=.02)
-            position_index.append(table_size + torch.arange(area * self.num_surrounding).view(area, -1))
-            table_size += area * self.num_surrounding
-
-        self.num_pooled_levels = focal_level - 1 if pool_method != 'none' and focal_level > 1 else 0
-        if self.num_pooled_levels:
-            self.relative_position_bias_table_to_windows = nn.ParameterList()
-            for level in range(self.num_pooled_levels):
-                key_size = pooled_key_size(focal_window, level)
-                table = nn.Parameter(torch.zeros(num_heads, (window_size + key_size - 1) ** 2))
+        self.key_groups = geometry.key_groups
+        area = geometry.window_size ** 2
+        for group in self.key_groups:
+            if group.kind == WINDOW:  # (table, nH)
+                self.relative_position_bias_table = nn.Parameter(torch.zeros(group.table_size, num_heads))
+            elif group.kind == SURROUNDINGS:  # a term per query and surrounding key: (1, nH, ws^2, keys)
+                self.relative_position_bias_table_to_neighbors = nn.Parameter(
+                    torch.zeros(1, num_heads, area, group.num_keys))
+                trunc_normal_(self.relative_position_bias_table_to_neighbors, std=.02)
+            else:  # one (nH, table) per pooled level
+                if group.level == 0:
+                    self.relative_position_bias_table_to_windows = nn.ParameterList()
+                table = nn.Parameter(torch.zeros(num_heads, group.table_size))
                 trunc_normal_(table, std=.02)
                 self.relative_position_bias_table_to_windows.append(table)
-                position_index.append(table_size + relative_position_index(window_size, key_size))
-                table_size += table.shape[1]
-        self.geometry = FocalGeometry(window_size, expand_size, focal_window, self.num_pooled_levels, shift_size)
-        position_index = torch.cat(position_index, 1)
-        self.num_attended_keys = self.geometry.num_attended_keys
-        self.num_keys = self.geometry.num_keys
-        position_index = F.pad(position_index, (0, self.num_keys - self.num_attended_keys))
-        self.register_buffer('position_bias_index', position_index, persistent=False)
+        self.register_buffer('position_bias_index', geometry.position_bias_index(), persistent=False)
 
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._chosen: Tuple[tuple, str] = ((), '')  # (what the choice depends on, 'sdpa' or 'fused')
 
-    def chosen_backend(self, qkv: torch.Tensor, layout: WindowLayout, dropout_p: float) -> str:
-        """The backend `focal_attention.choose_backend` picks for these inputs, remembered on the
-        module: compiled graphs then read an attribute instead of a global cache."""
-        key = (self.attn_backend, qkv.device.type, qkv.dtype, dropout_p > 0)
-        if self._chosen[0] != key:
-            self._chosen = (key, choose_backend(self.attn_backend, qkv, layout, self.num_heads, dropout_p))
-        return self._chosen[1]
+    @property
+    def window_size(self) -> int:
+        return self.geometry.window_size
+
+    @property
+    def num_surrounding(self) -> int:
+        return self.geometry.num_surrounding_keys
+
+    @property
+    def num_pooled_levels(self) -> int:
+        return self.geometry.num_pooled_levels
+
+    @property
+    def num_attended_keys(self) -> int:
+        return self.geometry.num_attended_keys
+
+    @property
+    def num_keys(self) -> int:
+        return self.geometry.num_keys
 
     def position_bias(self) -> torch.Tensor:
-        """All relative position terms as one (nH, ws^2, S) tensor, the same for every window, from
-        one gather over the concatenated bias tables."""
-        tables = [self.relative_position_bias_table.t()]
-        if self.num_surrounding:
-            tables.append(self.relative_position_bias_table_to_neighbors[0].flatten(1))
-        if self.num_pooled_levels:
-            tables += [table for table in self.relative_position_bias_table_to_windows]
+        """All relative position terms as one (nH, ws^2, S) tensor, the same for every window: the
+        key groups' tables as (nH, table) in key order, gathered once by the geometry's index."""
+        tables = []
+        for group in self.key_groups:
+            if group.kind == WINDOW:
+                tables.append(self.relative_position_bias_table.t())
+            elif group.kind == SURROUNDINGS:
+                tables.append(self.relative_position_bias_table_to_neighbors[0].flatten(1))
+            else:
+                tables.append(self.relative_position_bias_table_to_windows[group.level])
         return torch.cat(tables, 1)[:, self.position_bias_index]
 
     def forward(self, x: torch.Tensor, pooled: List[torch.Tensor], layout: WindowLayout,
@@ -130,9 +132,9 @@ class FocalWindowAttention(nn.Module):
         if pooled:
             kv_weight, kv_bias = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
             pooled_kv = F.linear(torch.cat(pooled, 1), kv_weight, kv_bias).to(qkv.dtype)
-        dropout_p = self.attn_drop if self.training else 0.
-        out = run_backend(self.chosen_backend(qkv, layout, dropout_p), qkv, pooled_kv, self.position_bias(), layout,
-                          self.num_heads, self.scale, dropout_p, regather_keys)
+        out = focal_attention(qkv, pooled_kv, self.position_bias(), layout, self.num_heads, self.scale,
+                              dropout_p=self.attn_drop if self.training else 0., backend=self.attn_backend,
+                              regather_keys=regather_keys, record=self.backend_record)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
@@ -156,19 +158,15 @@ class FocalTransformerBlock(nn.Module):
                  focal_window: int = 1, use_layerscale: bool = False, layerscale_value: float = 1e-4,
                  attn_backend: str = 'auto'):
         super().__init__()
-        if min(input_resolution) <= window_size:
-            expand_size, shift_size, window_size = 0, 0, min(input_resolution)
-        if not 0 <= shift_size < window_size:
-            raise ValueError(f'shift_size {shift_size} must lie in [0, window_size {window_size})')
+        geometry = FocalGeometry.of_block(input_resolution, window_size, expand_size, shift_size, focal_window,
+                                          focal_level, pool_method)
         self.dim = dim
-        self.window_size = window_size
-        self.shift_size = shift_size
         self.pool_method = pool_method
 
         self.pool_layers = nn.ModuleList()
         if pool_method in ('fc', 'conv'):
-            for level in range(focal_level - 1):
-                pool_size = window_size // 2 ** level
+            for level in range(geometry.num_pooled_levels):
+                pool_size = geometry.window_size // 2 ** level
                 if pool_method == 'fc':
                     self.pool_layers.append(nn.Linear(pool_size * pool_size, 1))
                 else:
@@ -176,10 +174,8 @@ class FocalTransformerBlock(nn.Module):
 
         self.norm1 = norm_layer(dim)
         self.attn = FocalWindowAttention(
-            dim, expand_size=expand_size, window_size=window_size, focal_window=focal_window,
-            focal_level=focal_level, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
-            attn_drop=attn_drop, proj_drop=drop, pool_method=pool_method, shift_size=shift_size,
-            attn_backend=attn_backend)
+            dim, geometry, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
+            proj_drop=drop, attn_backend=attn_backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
@@ -190,28 +186,37 @@ class FocalTransformerBlock(nn.Module):
             self.gamma_1 = self.gamma_2 = None
         self._layout: Optional[WindowLayout] = None
 
+    @property
+    def geometry(self) -> FocalGeometry:
+        return self.attn.geometry
+
+    @property
+    def window_size(self) -> int:
+        return self.attn.geometry.window_size
+
+    @property
+    def shift_size(self) -> int:
+        return self.attn.geometry.shift_size
+
     def layout(self, height: int, width: int, device: torch.device) -> WindowLayout:
         """The shared index maps of an (height, width) input map (see `focal_attention.geometry`).
         The last one is remembered on the block: compiled graphs then read an attribute instead of
         the global cache."""
         layout = self._layout
         if layout is None or layout.size != (height, width) or layout.key_index.device != device:
-            layout = self._layout = window_layout(height, width, self.attn.geometry, device)
+            layout = self._layout = window_layout(height, width, self.geometry, device)
         return layout
 
     def pool(self, x: torch.Tensor, level: int) -> torch.Tensor:
-        """Pool the (B, Hp, Wp, C) map into sub-windows of side ws // 2^k, after centre-trimming or
-        zero-padding it to (nWh * 2^k) x (nWw * 2^k) sub-windows. Returns (B, P_k, C)."""
+        """Pool the (B, Hp, Wp, C) map, whole windows, into (nWh * 2^k) x (nWw * 2^k) sub-windows of
+        side ws // 2^k. Where 2^k does not divide ws, the sub-windows leave rows and columns over:
+        they are trimmed evenly from both sides, the odd one from the bottom / right, as the
+        official model trims. Returns (B, P_k, C)."""
         B, H, W, C = x.shape
         size = self.window_size // 2 ** level
         grid_h, grid_w = H // self.window_size * 2 ** level, W // self.window_size * 2 ** level
-        dh, dw = grid_h * size - H, grid_w * size - W
-        if dh < 0:
-            x = x[:, -dh // 2: H - (-dh - (-dh // 2))]
-        if dw < 0:
-            x = x[:, :, -dw // 2: W - (-dw - (-dw // 2))]
-        if dh > 0 or dw > 0:
-            x = F.pad(x, (0, 0, max(dw, 0) // 2, max(dw, 0) - max(dw, 0) // 2, max(dh, 0) // 2, max(dh, 0) - max(dh, 0) // 2))
+        top, left = (H - grid_h * size) // 2, (W - grid_w * size) // 2
+        x = x[:, top:top + grid_h * size, left:left + grid_w * size]
         if self.pool_method == 'conv':
             return self.pool_layers[level](x.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
         windows = x.reshape(B, grid_h, size, grid_w, size, C)
@@ -234,7 +239,7 @@ class FocalTransformerBlock(nn.Module):
             y = F.pad(y, (0, 0, 0, padded_w - width, 0, padded_h - height))
         if self.shift_size:
             y = y.reshape(B, -1, C).index_select(1, layout.shift_gather).view(B, padded_h, padded_w, C)
-        pooled = [self.pool(y, level) for level in range(self.attn.num_pooled_levels)]
+        pooled = [self.pool(y, level) for level in range(self.geometry.num_pooled_levels)]
         y = self.attn(y, pooled, layout, regather_keys)
         if self.shift_size:
             y = y.index_select(1, layout.unshift_gather)
@@ -290,18 +295,18 @@ class FocalStage(nn.Module):
                  use_layerscale: bool = False, layerscale_value: float = 1e-4, attn_backend: str = 'auto'):
         super().__init__()
         self.use_checkpoint = use_checkpoint
-        unexpanded_parity = {'all': None, 'even': 0, 'odd': 1}[expand_layer]
         drop_path = drop_path if isinstance(drop_path, Sequence) else [drop_path] * depth
-        self.blocks = nn.ModuleList([
-            FocalTransformerBlock(
+        self.blocks = nn.ModuleList()
+        for i in range(depth):
+            shift_size, block_expand_size = stage_block_shift_and_expand(i, window_size, expand_size, use_shift,
+                                                                         expand_layer)
+            self.blocks.append(FocalTransformerBlock(
                 dim=dim, input_resolution=input_resolution, num_heads=num_heads, window_size=window_size,
-                shift_size=window_size // 2 if use_shift and i % 2 == 1 else 0,
-                expand_size=0 if i % 2 == unexpanded_parity else expand_size,
+                shift_size=shift_size, expand_size=block_expand_size,
                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop, attn_drop=attn_drop,
                 drop_path=drop_path[i], norm_layer=norm_layer, pool_method=pool_method,
                 focal_level=focal_level, focal_window=focal_window,
-                use_layerscale=use_layerscale, layerscale_value=layerscale_value, attn_backend=attn_backend)
-            for i in range(depth)])
+                use_layerscale=use_layerscale, layerscale_value=layerscale_value, attn_backend=attn_backend))
         self.downsample = PatchEmbed(
             patch_size=2, in_chans=dim, embed_dim=2 * dim, use_conv_embed=use_conv_embed,
             norm_layer=norm_layer, use_pre_norm=use_pre_norm) if downsample else None
@@ -322,8 +327,9 @@ class FocalTransformer(nn.Module):
 
     The model accepts any input size: `img_size` only fixes the parameter shapes (where a stage map
     is no larger than the window); maps are padded to window multiples at run time.
-    attn_backend: how focal attention runs, 'auto' (the fused kernel where it can run, else SDPA),
-    'sdpa' or 'fused' (see `models.focal_attention`); `set_attn_backend` switches it later.
+    attn_backend: how focal attention runs: 'auto' (SDPA, except on GPU architectures where the fused
+    kernel was verified correct and faster), 'sdpa' or 'fused' (the Triton kernel wherever it can
+    run; see `models.focal_attention.backends`); `set_attn_backend` switches it later.
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4, in_chans: int = 3,

@@ -9,8 +9,8 @@ CPU: fp32. CUDA: bf16 autocast, eager and (with --compile) torch.compile'd.
     python scripts/benchmark.py --device cuda --sizes tiny --attn-backend fused sdpa   # one row each
 
 --attn-backend sets the Focal models' attention backend (see models/focal_attention): 'auto' runs
-the fused Triton kernel on CUDA and SDPA on CPUs. scripts/benchmark_attention.py times the
-attention op alone.
+SDPA except on GPU architectures where the fused kernel was verified (none yet), 'fused' the Triton
+kernel. scripts/benchmark_attention.py times the attention op alone.
 """
 import argparse
 import multiprocessing

@@ -6,10 +6,9 @@ import logging
 import pytest
 import torch
 
-import models.focal_attention as focal_attention_pkg
 from models import FocalBackbone, FocalTransformer
-from models.focal_attention import (FocalGeometry, clear_layout_cache, focal_attention, layout_cache_stats,
-                                    window_layout)
+from models.focal_attention import (FocalGeometry, clear_backend_choices, clear_layout_cache, focal_attention,
+                                    layout_cache_stats, window_layout)
 from models.focal_attention import geometry
 from models.focal_attention.fused import triton_unavailable_reason
 
@@ -180,9 +179,10 @@ def test_unknown_backend_names_the_choices():
 
 
 @pytest.fixture
-def fresh_choices(monkeypatch):
-    monkeypatch.setattr(focal_attention_pkg, '_CHOICES', {})
-    monkeypatch.setattr(focal_attention_pkg, '_LOGGED', set())
+def fresh_choices():
+    clear_backend_choices()
+    yield
+    clear_backend_choices()
 
 
 def test_auto_runs_sdpa_on_the_cpu_and_says_so_once(fresh_choices, caplog):

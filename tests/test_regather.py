@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from models import FocalTransformer
+from models.focal_attention.input_saving import input_saving_sdpa
 from models.focal_attention.regather import _Regather, regathered_in_backward
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / 'scripts'))
-from activation_memory import input_saving_sdpa  # noqa: E402  (attention that saves its inputs)
 
 MICRO = dict(img_size=64, embed_dim=16, depths=[2, 1, 1, 1], num_heads=[1, 2, 2, 2], focal_levels=[2] * 4,
              focal_windows=[3] * 4, expand_sizes=[3] * 4, use_shift=True, focal_pool='fc', num_classes=5,

@@ -1,23 +1,30 @@
-"""Which keys each focal attention window sees, as index maps built once per feature-map size.
+"""Which keys each focal attention window sees and in what order, and the position-bias terms
+they get: one description of the key order (`FocalGeometry.key_groups`) from which both the index
+maps of a feature map (`WindowLayout`) and the position-bias index (`position_bias_index`) are built.
 
 Every window of ws x ws queries attends to, in this key order:
-  * its own ws^2 tokens (Swin's relative position bias; with a shifted block, Swin's region mask),
-  * its fine surroundings: the ring of `expand_size` tokens gathered from four corner-shifted
-    windows that wrap around the map cyclically, as the official `torch.roll`s do,
-  * for each pooled level k, the pooled tokens of a (focal_window + 2^k - 1)^2 neighbourhood of
-    sub-windows, as the official stride-2^k unfold takes them; neighbours outside the map are a
-    zero key masked by -100,
+  * WINDOW: its own ws^2 tokens, with Swin's relative position terms (a (2ws-1)^2 table) and,
+    in a shifted block, Swin's region mask,
+  * SURROUNDINGS: the ring of `expand_size` tokens gathered from four corner-shifted windows that
+    wrap around the map cyclically, as the official `torch.roll`s do; a free term per query and key,
+  * POOLED, for each pooled level k: the pooled tokens of a (focal_window + 2^k - 1)^2 neighbourhood
+    of sub-windows, as the official stride-2^k unfold takes them, with relative position terms
+    between the window and that neighbourhood; neighbours outside the map are a zero key masked by -100,
   * zero keys masked by -inf up to a multiple of KEY_ALIGNMENT.
 
-A `WindowLayout` holds this for one map size in compact form: a (nW, S) map into the key/value
-source [fine map tokens, pooled tokens of each level, one zero token] and the region label of each
-window token. Layouts depend only on geometry, so every block with the same geometry shares one,
-from a bounded least-recently-used cache (`window_layout`).
+`FocalGeometry.of_block` turns a block's official arguments into its geometry (the one place where
+small maps shrink the window and focal levels become pooled levels); `stage_block_shift_and_expand`
+says which blocks of a stage shift and which expand.
+
+A `WindowLayout` holds the key order for one map size in compact form: a (nW, S) map into the
+key/value source [fine map tokens, pooled tokens of each level, one zero token] and the region label
+of each window token. Layouts depend only on geometry, so every block with the same geometry shares
+one, from a bounded least-recently-used cache (`window_layout`).
 """
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
 
@@ -39,6 +46,12 @@ def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
 def num_surrounding_keys(window_size: int, expand_size: int) -> int:
     """Fine surrounding keys of a window: 4 corner shifts, each keeping the tokens it moves out."""
     return 4 * window_size ** 2 - 4 * (window_size - expand_size) ** 2 if expand_size > 0 else 0
+
+
+def window_token_offsets(window_size: int) -> torch.Tensor:
+    """Offsets (dy, dx) of a window's own tokens from its top-left token, row-major: (ws^2, 2)."""
+    r, c = torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing='ij')
+    return torch.stack([r.flatten(), c.flatten()], 1)
 
 
 def surrounding_offsets(window_size: int, expand_size: int) -> torch.Tensor:
@@ -101,24 +114,100 @@ def shift_regions(height: int, width: int, window_size: int, shift_size: int) ->
     return window_partition(region[None, :, :, None], window_size).flatten(1)
 
 
+WINDOW, SURROUNDINGS, POOLED = 'window', 'surroundings', 'pooled'  # the kinds of key group, in key order
+UNEXPANDED_PARITY = {'all': None, 'even': 0, 'odd': 1}  # expand_layer -> parity of the blocks without surroundings
+
+
+@dataclass(frozen=True)
+class KeyGroup:
+    """One run of consecutive key slots of every window and the position-bias table its terms come
+    from. kind: WINDOW, SURROUNDINGS or POOLED; level: the pooled level k (0 for the others);
+    num_keys: slots; table_size: entries per head of its table."""
+    kind: str
+    level: int
+    num_keys: int
+    table_size: int
+
+
 @dataclass(frozen=True)
 class FocalGeometry:
-    """What decides a layer's key sets: its window, surroundings and pooled levels."""
+    """What decides a block's key sets: its window, surroundings, pooled levels and shift, already
+    normalised (see `of_block`). Blocks of equal geometry share their layouts."""
     window_size: int
     expand_size: int
     focal_window: int
     num_pooled_levels: int
     shift_size: int
 
+    def __post_init__(self):
+        if not 0 <= self.shift_size < self.window_size:
+            raise ValueError(f'shift_size {self.shift_size} must lie in [0, window_size {self.window_size})')
+
+    @classmethod
+    def of_block(cls, input_resolution: Tuple[int, int], window_size: int, expand_size: int, shift_size: int,
+                 focal_window: int, focal_level: int, pool_method: str) -> 'FocalGeometry':
+        """The geometry of a block with the official block arguments: a map no larger than the
+        window (at `input_resolution`, the size the model is built for) shrinks the window to the
+        map, without surroundings or shift; focal_level 0 has no surroundings; focal_level L has
+        L - 1 pooled levels, none with pool_method 'none'."""
+        if min(input_resolution) <= window_size:
+            window_size, expand_size, shift_size = min(input_resolution), 0, 0
+        return cls(window_size=window_size, expand_size=expand_size if focal_level > 0 else 0,
+                   focal_window=focal_window,
+                   num_pooled_levels=focal_level - 1 if pool_method != 'none' and focal_level > 1 else 0,
+                   shift_size=shift_size)
+
+    @property
+    def num_surrounding_keys(self) -> int:
+        return num_surrounding_keys(self.window_size, self.expand_size)
+
+    @property
+    def key_groups(self) -> Tuple[KeyGroup, ...]:
+        """The key order of every window, group by group (see the module docstring)."""
+        ws, area = self.window_size, self.window_size ** 2
+        groups = [KeyGroup(WINDOW, 0, area, (2 * ws - 1) ** 2)]
+        if self.num_surrounding_keys:
+            groups.append(KeyGroup(SURROUNDINGS, 0, self.num_surrounding_keys, area * self.num_surrounding_keys))
+        for level in range(self.num_pooled_levels):
+            side = pooled_key_size(self.focal_window, level)
+            groups.append(KeyGroup(POOLED, level, side * side, (ws + side - 1) ** 2))
+        return tuple(groups)
+
     @property
     def num_attended_keys(self) -> int:
-        return (self.window_size ** 2 + num_surrounding_keys(self.window_size, self.expand_size)
-                + sum(pooled_key_size(self.focal_window, k) ** 2 for k in range(self.num_pooled_levels)))
+        return sum(group.num_keys for group in self.key_groups)
 
     @property
     def num_keys(self) -> int:
         """Key slots per window, padded to KEY_ALIGNMENT."""
         return math.ceil(self.num_attended_keys / KEY_ALIGNMENT) * KEY_ALIGNMENT
+
+    def position_bias_index(self) -> torch.Tensor:
+        """(ws^2, num_keys) long: the position term of each query and key slot, as an entry of the
+        key groups' tables, each (heads, table_size), concatenated in key order. Alignment slots
+        read entry 0 (their keys are masked by -inf)."""
+        ws = self.window_size
+        index, offset = [], 0
+        for group in self.key_groups:
+            if group.kind == WINDOW:
+                group_index = relative_position_index(ws, ws)
+            elif group.kind == SURROUNDINGS:
+                group_index = torch.arange(group.table_size).view(ws * ws, group.num_keys)
+            else:
+                group_index = relative_position_index(ws, pooled_key_size(self.focal_window, group.level))
+            index.append(offset + group_index)
+            offset += group.table_size
+        index.append(torch.zeros(ws * ws, self.num_keys - self.num_attended_keys, dtype=torch.long))
+        return torch.cat(index, 1)
+
+
+def stage_block_shift_and_expand(index: int, window_size: int, expand_size: int, use_shift: bool,
+                                 expand_layer: str) -> Tuple[int, int]:
+    """(shift_size, expand_size) of block `index` of a stage, alternating as the official stages do:
+    with use_shift the odd blocks shift by half a window; expand_layer 'even' / 'odd' leaves the
+    even / odd blocks without surroundings ('all': every block has them)."""
+    shift_size = window_size // 2 if use_shift and index % 2 == 1 else 0
+    return shift_size, 0 if index % 2 == UNEXPANDED_PARITY[expand_layer] else expand_size
 
 
 class KeyUsers:
@@ -152,6 +241,8 @@ class WindowLayout:
         rolls of a shifted block (the second also crops the padding); None without shift.
     fine_users / pooled_users: which key slots read each fine and each pooled token (`KeyUsers`),
         for a backward that sums key and value gradients per source token.
+    backend_choices: the attention backend chosen for this layout's geometry and device, per kind of
+        input; filled by `backends.choose_backend` (a plain attribute, which compiled graphs read).
     """
 
     def __init__(self, height: int, width: int, geometry: FocalGeometry, device: torch.device):
@@ -162,21 +253,24 @@ class WindowLayout:
         rows, cols = torch.meshgrid(torch.arange(nwh) * ws, torch.arange(nww) * ws, indexing='ij')
         rows, cols = rows.reshape(-1, 1), cols.reshape(-1, 1)
 
-        offsets = [torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing='ij'), -1).reshape(-1, 2)]
-        if geometry.expand_size > 0:
-            offsets.append(surrounding_offsets(ws, geometry.expand_size))
-        offsets = torch.cat(offsets)
-        fine_rows = (rows + offsets[:, 0]) % padded_h  # wrapping as the official torch.roll does
-        fine_cols = (cols + offsets[:, 1]) % padded_w
-        key_index = [fine_rows * padded_w + fine_cols]
-
-        base = padded_h * padded_w
-        pooled_tokens = [num_windows * 4 ** level for level in range(geometry.num_pooled_levels)]
-        zero_token = base + sum(pooled_tokens)
-        for level, level_tokens in enumerate(pooled_tokens):
-            position, valid = pooled_neighbourhood((nwh, nww), geometry.focal_window, level)
-            key_index.append(torch.where(valid, base + position, zero_token))
-            base += level_tokens
+        num_fine = padded_h * padded_w
+        level_bases = [num_fine]  # where each pooled level's tokens start in the key/value source
+        for level in range(geometry.num_pooled_levels):
+            level_bases.append(level_bases[-1] + num_windows * 4 ** level)
+        zero_token = level_bases[-1]
+        key_index = []
+        for group in geometry.key_groups:
+            if group.kind == POOLED:
+                position, valid = pooled_neighbourhood((nwh, nww), geometry.focal_window, group.level)
+                key_index.append(torch.where(valid, level_bases[group.level] + position, zero_token))
+                continue
+            if group.kind == WINDOW:
+                offsets = window_token_offsets(ws)
+            else:
+                offsets = surrounding_offsets(ws, geometry.expand_size)
+            fine_rows = (rows + offsets[:, 0]) % padded_h  # wrapping as the official torch.roll does
+            fine_cols = (cols + offsets[:, 1]) % padded_w
+            key_index.append(fine_rows * padded_w + fine_cols)
         key_index.append(torch.full((num_windows, geometry.num_keys - geometry.num_attended_keys), zero_token))
 
         self.geometry = geometry
@@ -186,7 +280,7 @@ class WindowLayout:
         self.window_area = ws * ws
         self.num_keys = geometry.num_keys
         self.num_attended = geometry.num_attended_keys
-        self.num_fine = padded_h * padded_w
+        self.num_fine = num_fine
         self.zero_token = zero_token
         self.key_index = torch.cat(key_index, 1).to(device=device, dtype=torch.int32)
         self.key_mask = torch.where(self.key_index == zero_token, MASKED, 0.)
@@ -203,6 +297,7 @@ class WindowLayout:
         self.fine_users = KeyUsers(index.masked_fill(index >= self.num_fine, -1), self.num_fine)
         self.pooled_users = KeyUsers((index - self.num_fine).masked_fill((index < self.num_fine) | (index == zero_token), -1),
                                      zero_token - self.num_fine)
+        self.backend_choices: Dict[tuple, str] = {}
 
     def region_mask(self) -> torch.Tensor:
         """(nW, ws^2, ws^2) additive mask between a shifted window's own tokens: -100 across
