@@ -28,8 +28,8 @@ from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
 
-from .focal_attention import (FocalGeometry, WindowLayout, check_backend, choose_backend, num_surrounding_keys,
-                              pooled_key_size, relative_position_index, run_backend, window_layout)
+from .focal_attention import (FocalGeometry, WindowLayout, check_backend, choose_backend, exporting,
+                              num_surrounding_keys, pooled_key_size, relative_position_index, run_backend, window_layout)
 
 _logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class FocalWindowAttention(nn.Module):
     def chosen_backend(self, qkv: torch.Tensor, layout: WindowLayout, dropout_p: float) -> str:
         """The backend `focal_attention.choose_backend` picks for these inputs, remembered on the
         module: compiled graphs then read an attribute instead of a global cache."""
-        key = (self.attn_backend, qkv.device.type, qkv.dtype, dropout_p > 0)
+        key = (self.attn_backend, qkv.device.type, qkv.dtype, dropout_p > 0, exporting())
         if self._chosen[0] != key:
             self._chosen = (key, choose_backend(self.attn_backend, qkv, layout, self.num_heads, dropout_p))
         return self._chosen[1]
@@ -468,7 +468,7 @@ class FocalTransformer(nn.Module):
         last = max_index if stop_early else len(self.layers) - 1
         intermediates = []
         x, height, width = self.stem(x)
-        for i, stage in enumerate(self.layers[:last + 1]):
+        for i, stage in zip(range(last + 1), self.layers):  # no ModuleList slice: PyTorch 2.4's torch.export fails on it
             x = stage(x, height, width)
             if i in take_indices:
                 y = self.norm(x) if norm and i == len(self.layers) - 1 else x

@@ -7,6 +7,8 @@ function, `focal_attention`, with two backends behind it:
   * 'auto': 'fused' where it can run (CUDA, fp32/fp16/bf16, windows and heads it supports, no
     attention dropout), else 'sdpa'.
 
+While the model is traced for deployment (`exporting`) every backend runs as 'sdpa'.
+
 The log says once which backend ran for each kind of input, and why 'fused' could not.
 """
 import logging
@@ -23,13 +25,15 @@ from .sdpa import sdpa_focal_attention
 
 __all__ = ['ATTN_BACKENDS', 'FocalGeometry', 'KEY_ALIGNMENT', 'MASKED', 'WindowLayout', 'check_backend', 'choose_backend',
            'clear_layout_cache', 'layout_cache_stats',
-           'focal_attention', 'num_surrounding_keys', 'pooled_key_size', 'pooled_neighbourhood',
+           'exporting', 'focal_attention', 'num_surrounding_keys', 'pooled_key_size', 'pooled_neighbourhood',
            'relative_position_index', 'run_backend', 'surrounding_offsets', 'window_layout']
 
 _logger = logging.getLogger(__name__)
 
 ATTN_BACKENDS = ('auto', 'sdpa', 'fused')
 _CHOICES: Dict[tuple, str] = {}
+# Absent from PyTorch 2.4, whose Triton is too old for 'fused' anyway (fused.MIN_TRITON).
+_is_exporting = getattr(torch.compiler, 'is_exporting', lambda: False)
 _LOGGED = set()
 
 
@@ -56,9 +60,20 @@ def _choose(key: tuple, requested: str, qkv: torch.Tensor, layout: WindowLayout,
     return chosen
 
 
+def exporting() -> bool:
+    """Whether the model is being traced into a graph for deployment: by torch.export (and the ONNX
+    exporter built on it) or by torch.jit tracing (the TorchScript ONNX exporter). Such graphs
+    cannot carry the fused kernel, a Python custom op launching Triton that neither ONNX nor
+    AOTInductor or ExecuTorch can take, so focal attention is exported through SDPA."""
+    return _is_exporting() or torch.jit.is_tracing()
+
+
 def choose_backend(requested: str, qkv: torch.Tensor, layout: WindowLayout, num_heads: int,
                    dropout_p: float = 0.) -> str:
-    """'sdpa' or 'fused': what `focal_attention` runs for these inputs with `requested`."""
+    """'sdpa' or 'fused': what `focal_attention` runs for these inputs with `requested`; always
+    'sdpa' while `exporting`."""
+    if exporting():
+        return 'sdpa'
     key = (requested, qkv.device.type, qkv.dtype, layout.window_area, qkv.shape[-1] // num_heads, dropout_p > 0)
     chosen = _CHOICES.get(key)
     return chosen if chosen is not None else _choose(key, requested, qkv, layout, num_heads, dropout_p)
