@@ -502,7 +502,7 @@ class FocalTransformer(nn.Module):
         last = max_index if stop_early else len(self.layers) - 1
         intermediates = []
         x, height, width = self.stem(x)
-        for i, stage in enumerate(self.layers[:last + 1]):
+        for i, stage in zip(range(last + 1), self.layers):  # no ModuleList slice: PyTorch 2.4's torch.export fails on it
             x = stage(x, height, width)
             if i in take_indices:
                 y = self.norm(x) if norm and i == len(self.layers) - 1 else x

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .backends import (ATTN_BACKENDS, VERIFIED_ARCHITECTURES, BackendRecord, backends_in_use, check_backend,
-                       choose_backend, clear_backend_choices)
+                       choose_backend, clear_backend_choices, exporting)
 from .fused import fused_focal_attention
 from .geometry import (KEY_ALIGNMENT, MASKED, FocalGeometry, KeyGroup, WindowLayout, clear_layout_cache,
                        layout_cache_stats, num_surrounding_keys, pooled_key_size, pooled_neighbourhood,
@@ -24,9 +24,9 @@ from .sdpa import sdpa_focal_attention
 
 __all__ = ['ATTN_BACKENDS', 'KEY_ALIGNMENT', 'MASKED', 'VERIFIED_ARCHITECTURES', 'BackendRecord', 'FocalGeometry',
            'KeyGroup', 'WindowLayout', 'backends_in_use', 'check_backend', 'choose_backend', 'clear_backend_choices',
-           'clear_layout_cache', 'focal_attention', 'layout_cache_stats', 'num_surrounding_keys', 'pooled_key_size',
-           'pooled_neighbourhood', 'relative_position_index', 'stage_block_shift_and_expand', 'surrounding_offsets',
-           'window_layout']
+           'clear_layout_cache', 'exporting', 'focal_attention', 'layout_cache_stats', 'num_surrounding_keys',
+           'pooled_key_size', 'pooled_neighbourhood', 'relative_position_index', 'stage_block_shift_and_expand',
+           'surrounding_offsets', 'window_layout']
 
 
 def focal_attention(qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor], position_bias: torch.Tensor,

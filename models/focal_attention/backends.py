@@ -8,6 +8,8 @@ its one cache (as NATTEN arranges it: a small check per backend, a chooser, SDPA
     faster than SDPA (`VERIFIED_ARCHITECTURES`, never below sm_80), else SDPA, saying once in the log
     how to opt in and how to verify it.
 
+While the model is traced for deployment (`exporting`) every backend runs as 'sdpa'.
+
 A backend is chosen once per geometry, device and kind of input (requested backend, dtype, head
 size, whether attention dropout is active) and logged once. The choices of one geometry and device
 are one table, which every layout of that geometry points to (`WindowLayout.backend_choices`), so
@@ -37,6 +39,16 @@ VERIFY = 'bash scripts/gpu_checks.sh all'
 _logger = logging.getLogger(__package__)
 _CHOICES: Dict[Tuple[FocalGeometry, torch.device], Dict[tuple, str]] = {}  # the one cache
 _LOGGED = set()
+# Absent from PyTorch 2.4, whose torch.export-based ONNX exporter does not exist yet either.
+_is_exporting = getattr(torch.compiler, 'is_exporting', lambda: False)
+
+
+def exporting() -> bool:
+    """Whether the model is being traced into a graph for deployment: by torch.export (and the ONNX
+    exporter built on it) or by torch.jit tracing (the TorchScript ONNX exporter). Such graphs
+    cannot carry the fused kernel, a Python custom op launching Triton that neither ONNX nor
+    AOTInductor or ExecuTorch can take, so focal attention is exported through SDPA."""
+    return _is_exporting() or torch.jit.is_tracing()
 
 
 class GpuArchitecture(NamedTuple):
@@ -76,7 +88,10 @@ def check_backend(backend: str) -> str:
 
 def choose_backend(requested: str, qkv: torch.Tensor, layout: WindowLayout, num_heads: int,
                    dropout_p: float = 0.) -> str:
-    """'sdpa' or 'fused': what `focal_attention` runs for these inputs with `requested`."""
+    """'sdpa' or 'fused': what `focal_attention` runs for these inputs with `requested`; always
+    'sdpa' while `exporting`."""
+    if exporting():
+        return 'sdpa'
     kind = (requested, qkv.dtype, qkv.shape[-1] // 3 // num_heads, dropout_p > 0)
     chosen = layout.backend_choices.get(kind)
     return chosen if chosen is not None else _choose(kind, qkv, layout, num_heads, dropout_p)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Dict, Tuple
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes  # leaves fake and tracing modes
 
 MASKED = -100.0  # the official code's additive mask value (not -inf: a fully masked row stays finite)
 KEY_ALIGNMENT = 8  # keys per window rounded up to this: bias rows of 16-byte multiples in bf16/fp16
@@ -317,8 +318,10 @@ _LAYOUTS: 'OrderedDict[tuple, WindowLayout]' = OrderedDict()
 @torch.compiler.disable
 def _build_layout(key: tuple, height: int, width: int, geometry: FocalGeometry, device: torch.device) -> WindowLayout:
     # Ordinary tensors even when first asked for under inference mode, so the layout can serve a
-    # later training step; built eagerly (outside any compiled graph) and cached.
-    with torch.inference_mode(False), torch.no_grad():
+    # later training step; built eagerly (outside any compiled graph) and cached. Real tensors also
+    # under torch.export, which runs the forward on fake tensors: the maps are constants of the map
+    # size (their sizes would be data-dependent there), and the exported graph holds them as such.
+    with _disable_current_modes(), torch.inference_mode(False), torch.no_grad():
         layout = WindowLayout(height, width, geometry, device)
     _LAYOUTS[key] = layout
     while len(_LAYOUTS) > MAX_CACHED_LAYOUTS:

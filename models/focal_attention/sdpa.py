@@ -47,4 +47,7 @@ def sdpa_focal_attention(qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor], p
     with saving:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, dropout_p=dropout_p, scale=scale)
     out = out.view(B, nh, Hp // ws, Wp // ws, ws, ws, hd).permute(0, 2, 4, 3, 5, 1, 6)
-    return out.reshape(B, T, C)
+    # Always a copy in token order (reshape would be a view for some SDPA output strides): a graph
+    # traced with one SDPA kernel's strides then also holds for another's, as when the ONNX
+    # exporter decomposes SDPA.
+    return out.clone(memory_format=torch.contiguous_format).view(B, T, C)
