@@ -27,6 +27,8 @@ from utils import UserError
 
 FAILURES_KEY = 'focal/failures'
 NOTICED_KEY = 'focal/failures_noticed'
+# How often a failed process checks whether the others have noticed its report.
+REPORT_POLL_SECONDS = 0.05
 
 
 def failure_key(rank: int) -> str:
@@ -81,6 +83,8 @@ class PeerWatch:
             with self._writing:
                 print(f"error: process {failed[0]} of {self.world_size} stopped, so process "
                       f"{self.rank} stops too. Its error: {message}", file=sys.stderr, flush=True)
+                # The store may live in this process: let the failed one see the notice first.
+                time.sleep(REPORT_POLL_SECONDS * 4)
                 os._exit(1)
 
     @contextlib.contextmanager
@@ -107,7 +111,7 @@ class PeerWatch:
                 failures = int(self.store.add(FAILURES_KEY, 0))
                 if int(self.store.add(NOTICED_KEY, 0)) >= self.world_size - failures:
                     break
-                time.sleep(0.05)
+                time.sleep(REPORT_POLL_SECONDS)
         except Exception:  # the store is gone: the others are stopping already
             pass
 

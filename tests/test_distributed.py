@@ -12,11 +12,11 @@ import torch
 
 import main
 from config import get_config
+from data.images import folder_samples
 from conftest import (REPO_ROOT, launcher_env, run_main, run_main_subprocess, write_micro_config,
                       write_tiny_dataset)
 from lr_scheduler import build_scheduler, scaled_learning_rates
 from optimizer import build_optimizer
-from run_outputs import RunOutputs
 
 
 def free_port() -> int:
@@ -131,19 +131,25 @@ def test_two_process_throughput_with_a_single_validation_image(workspace, tmp_pa
     assert (record['batch_size'], record['distinct_images'], record['processes']) == (8, 1, 2)
 
 
-def test_a_failing_process_stops_the_others_at_once(workspace, tmp_path):
-    """Started without a launcher's agent (as srun or a script of one's own starts them),
-    process 0 fails at once (its run folder is locked by another run) while process 1 goes on
-    to wait for it in DDP's first broadcast: process 1 says which process failed and why, and
-    exits too, within seconds instead of at the process group's 30-minute timeout."""
-    run_dir = tmp_path / 'micro_focal' / 'default'
-    lock_holder = RunOutputs(str(run_dir), True)
+def test_a_process_without_a_training_batch_stops_the_others_at_once(workspace, tmp_path):
+    """Every image of the first training batch of process 1 is unreadable, so process 1 stops
+    with an error while process 0 waits for it in DDP's first forward. Started without a
+    launcher's agent (as srun or a script of one's own starts them), process 0 says which
+    process failed and why, and exits too, within seconds instead of at the process group's
+    30-minute timeout."""
+    data = shutil.copytree(workspace['data'], tmp_path / 'data')
+    samples, _ = folder_samples(str(data / 'train'))
+    sampler = torch.utils.data.DistributedSampler(range(len(samples)), num_replicas=2, rank=1,
+                                                  shuffle=True, seed=0)  # SEED 0, epoch 0
+    for index in list(sampler)[:8]:  # its first batch
+        with open(samples[index][0], 'wb') as f:
+            f.write(b'not an image')
     port = str(free_port())
     with tempfile.TemporaryFile('w+') as err_0, tempfile.TemporaryFile('w+') as err_1:
         processes = [
             subprocess.Popen(
-                [sys.executable, 'main.py', '--cfg', workspace['cfg'], '--data-path', workspace['data'],
-                 '--output', str(tmp_path), '--device', 'cpu'],
+                [sys.executable, 'main.py', '--cfg', workspace['cfg'], '--data-path', str(data),
+                 '--output', str(tmp_path / 'out'), '--device', 'cpu'],
                 cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=err,
                 env=dict(launcher_env(), MASTER_ADDR='127.0.0.1', MASTER_PORT=port, WORLD_SIZE='2',
                          RANK=str(rank), LOCAL_RANK=str(rank)))
@@ -153,16 +159,17 @@ def test_a_failing_process_stops_the_others_at_once(workspace, tmp_path):
         finally:
             for process in processes:
                 process.kill()
-            lock_holder.close()
-        err_0.seek(0)
-        err_1.seek(0)
-        errors = err_0.read(), err_1.read()
+        errors = []
+        for err in (err_0, err_1):
+            err.seek(0)
+            errors.append(err.read())
     assert returncodes == [1, 1], errors
     assert 'Traceback' not in errors[0] + errors[1], errors
     last_lines = [err.strip().splitlines()[-1] for err in errors]
-    assert last_lines[0].startswith(f'error: run folder {run_dir} is in use by process {os.getpid()}')
-    assert last_lines[1] == f'error: process 0 of 2 stopped, so process 1 stops too. Its error: ' \
-                            f'{last_lines[0][len("error: "):]}'
+    assert last_lines[1].startswith('error: every image of a training batch is unreadable'), errors
+    assert last_lines[0] == f'error: process 1 of 2 stopped, so process 0 stops too. Its error: ' \
+                            f'{last_lines[1][len("error: "):]}'
+    assert not os.path.exists(tmp_path / 'out' / 'micro_focal' / 'default' / 'ckpt_epoch_0.pth')
 
 
 def test_launched_processes_keep_the_given_pythonpath(monkeypatch, tmp_path):

@@ -55,6 +55,8 @@ def test_one_epoch_trains_evaluates_and_writes_run_folder(tmp_path, tiny_data, c
     assert checkpoint['optimizer']['param_groups'][0]['initial_lr'] == derived['TRAIN.BASE_LR']
     assert scaled_learning_rates(saved, derived['total_batch']).base == derived['TRAIN.BASE_LR'], \
         "a run from the saved config scales once"
+    assert glob.glob(os.path.join(run_dir, 'events.out.tfevents.*'))
+    assert not glob.glob(os.path.join(run_dir, '*.tmp.*')), "temporary checkpoint left behind"
 
 
 def test_demo_dataset_is_generated_without_data_path(tmp_path, capsys):
