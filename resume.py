@@ -103,11 +103,16 @@ def reconcile_best(outputs: RunOutputs, saved: SavedStates, progress: Progress,
                    resumed_path: str, resumed_epoch: int, logger: logging.Logger) -> None:
     """Make best.pth hold the best epoch the resumed state records. A kill between an epoch's
     checkpoint and its best.pth leaves an older best.pth (or none): it is rewritten from that
-    epoch's checkpoint. Where that checkpoint is gone too, `progress` takes what best.pth
-    holds, so that only an epoch better than it replaces it."""
+    epoch's checkpoint. A best.pth at least as good is kept; and where the best epoch's
+    checkpoint is gone, `progress` takes what best.pth holds. Either way only an epoch better
+    than best.pth replaces it."""
     held = saved.best
-    if held is not None and (held['epoch'] == progress.best_epoch or (
-            progress.best_epoch is None and held['max_accuracy'] == progress.max_accuracy)):
+    if held is not None and (held['epoch'] == progress.best_epoch
+                             or float(held['max_accuracy'] or 0.0) >= progress.max_accuracy):
+        if held['epoch'] != progress.best_epoch and progress.best_epoch is not None:
+            logger.warning(f"best.pth {describe_best(held)}, at least as good as what {resumed_path} "
+                           f"records (epoch {progress.best_epoch}): kept")
+        progress.max_accuracy, progress.best_epoch = float(held['max_accuracy'] or 0.0), held['epoch']
         return
     if progress.best_epoch is None and progress.max_accuracy <= 0.0:
         return  # nothing evaluated yet
