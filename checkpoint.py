@@ -1,9 +1,12 @@
-"""Checkpoint files: atomic saving, finding the newest one to resume from, and loading weights
-for resuming, evaluation or fine-tuning.
+"""Checkpoint files: atomic saving, finding the newest training state to resume from, and
+loading weights for resuming, evaluation or fine-tuning.
 
-A checkpoint is a dict of tensors and plain Python data only (`torch.load(...,
-weights_only=True)` reads it): 'model', 'optimizer', 'lr_scheduler', 'scaler', 'ema' (or None),
-'epoch' (the last finished one), 'max_accuracy' and 'config' (nested dicts).
+A training checkpoint is a dict of tensors and plain Python data only (`torch.load(...,
+weights_only=True)` reads it): 'model', 'optimizer', 'scaler', 'ema' (or None), 'epoch' (the
+last finished one), 'max_accuracy' and 'best_epoch' (the best validation top-1 so far and its
+epoch: what best.pth holds), 'config' (the run's config as given, nested dicts), 'derived' (the
+values the run derived from it: scaled learning rates, class count, total batch, steps per
+epoch) and 'classes'. It holds no scheduler state: the schedule follows the config in force.
 """
 import errno
 import logging
@@ -11,7 +14,8 @@ import os
 import pickle
 import re
 import shutil
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,7 +30,7 @@ logger = logging.getLogger('focal')
 
 
 class CheckpointError(UserError):
-    """A checkpoint that is missing, unreadable or for another model."""
+    """A checkpoint that is missing, unreadable, damaged or for another model."""
 
 
 def epoch_checkpoint_name(epoch: int) -> str:
@@ -44,56 +48,68 @@ def tensor_bytes(value: Any) -> int:
     return 0
 
 
-def save_checkpoint(state: Dict[str, Any], path: str) -> None:
-    """Write `state` to `path` through a temporary file and a rename, so that `path` is either
-    the previous complete checkpoint or the new complete one, never a partial file. A failed
-    write removes its temporary file; a full disk is a `CheckpointError` saying how much space
-    the checkpoint needs."""
+def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Run `write` on a temporary file next to `path`, then rename it to `path`, so that `path`
+    is either the previous complete file or the new complete one, never a partial file. A
+    failed write removes its temporary file."""
     tmp_path = f'{path}.tmp.{os.getpid()}'
     try:
         with open(tmp_path, 'wb') as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException as error:
+    except BaseException:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            folder = os.path.dirname(os.path.abspath(path))
-            needed_mb = tensor_bytes(state) / 2**20
-            free_mb = shutil.disk_usage(folder).free / 2**20
-            raise CheckpointError(
-                f"no space left to save {os.path.basename(path)} in {folder}: it needs about "
-                f"{needed_mb:.0f} MB, {free_mb:.0f} MB are free; older checkpoints are intact, "
-                f"free some space and rerun to resume") from None
         raise
 
 
-def non_finite_entries(state: Dict[str, Any]) -> List[str]:
-    """Names of the floating-point tensors in the 'model', 'optimizer' and 'ema' entries of a
-    `training_state` that hold NaN or infinity (a diverged run must not be saved)."""
-    found = []
+def save_checkpoint(state: Dict[str, Any], path: str) -> None:
+    """`torch.save(state)` to `path` through `write_atomically`. A full disk is a
+    `CheckpointError` saying how much space the checkpoint needs."""
+    try:
+        write_atomically(path, lambda f: torch.save(state, f))
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        folder = os.path.dirname(os.path.abspath(path))
+        needed_mb = tensor_bytes(state) / 2**20
+        free_mb = shutil.disk_usage(folder).free / 2**20
+        raise CheckpointError(
+            f"no space left to save {os.path.basename(path)} in {folder}: it needs about "
+            f"{needed_mb:.0f} MB, {free_mb:.0f} MB are free; older checkpoints are intact, "
+            f"free some space and rerun to resume") from None
 
-    def visit(value: Any, name: str) -> None:
-        if isinstance(value, torch.Tensor):
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                found.append(name)
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                visit(item, f'{name}.{key}')
-        elif isinstance(value, (list, tuple)):
-            for index, item in enumerate(value):
-                visit(item, f'{name}.{index}')
 
-    for entry in ('model', 'optimizer', 'ema'):
-        visit(state.get(entry), entry)
-    return found
+def copy_checkpoint(source: str, path: str) -> None:
+    """Copy the checkpoint file `source` to `path` through `write_atomically`."""
+    def copy(f: BinaryIO) -> None:
+        with open(source, 'rb') as original:
+            shutil.copyfileobj(original, f)
+    write_atomically(path, copy)
+
+
+def non_finite_tensors(value: Any, name: str = '') -> List[str]:
+    """Dotted names of the floating-point tensors in a nest of dicts and lists that hold NaN
+    or infinity (e.g. 'optimizer.state.3.exp_avg')."""
+    if isinstance(value, torch.Tensor):
+        finite = not value.is_floating_point() or bool(torch.isfinite(value).all())
+        return [] if finite else [name]
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return []
+    return [found for key, item in items
+            for found in non_finite_tensors(item, f'{name}.{key}' if name else str(key))]
 
 
 def read_checkpoint(path: str) -> Dict[str, Any]:
-    """Load a checkpoint on the CPU with `weights_only=True`; clear errors for a missing or
-    unreadable file."""
+    """Load a checkpoint on the CPU with `weights_only=True`; clear errors for a missing,
+    unreadable or damaged file. A checkpoint with NaN or infinite values is damaged (training
+    never saves one): it is refused here, naming them, whatever reads it."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if not looks_like_torch_file(path):
@@ -105,16 +121,21 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
         if 'Weights only load failed' not in str(error):
             raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
         raise CheckpointError(
-            f"checkpoint {path} holds Python objects besides weights (the official code saves its "
-            f"yacs config in training checkpoints), which are not loaded unpickled; if you trust "
-            f"the file, extract its weights: python scripts/convert_checkpoint.py {path} "
-            f"WEIGHTS.pth") from None
+            f"checkpoint {path} holds Python objects besides weights (a whole model saved with "
+            f"torch.save(model), or the official code's training checkpoints, which keep their "
+            f"yacs config), which are not loaded unpickled; if you trust the file, extract its "
+            f"weights: python scripts/convert_checkpoint.py {path} WEIGHTS.pth") from None
     except Exception as error:  # torch raises many types for truncated or foreign files
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {first_line}") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, "
                               f"not a dict of weights")
+    non_finite = non_finite_tensors(checkpoint)
+    if non_finite:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: {len(non_finite)} of its tensors hold NaN or "
+            f"infinite values (e.g. {', '.join(non_finite[:3])}); use another checkpoint")
     return checkpoint
 
 
@@ -127,47 +148,109 @@ def looks_like_torch_file(path: str) -> bool:
     return head == b'PK\x03\x04' or head[:1] == b'\x80'
 
 
-def latest_checkpoint(run_dir: str) -> Optional[str]:
-    """The newest readable `ckpt_epoch_N.pth` in `run_dir`, or None. An unreadable newest file
-    (e.g. copied in half) is reported and the next older one is tried."""
+def read_training_state(path: str) -> Dict[str, Any]:
+    """`read_checkpoint`, refusing a file that holds weights only."""
+    checkpoint = read_checkpoint(path)
+    if 'optimizer' not in checkpoint or not isinstance(checkpoint.get('epoch'), int):
+        raise CheckpointError(f"{path} holds weights only, not a training state: use "
+                              f"--pretrained to start from it, or --eval to evaluate it")
+    return checkpoint
+
+
+@dataclass
+class SavedStates:
+    """The checkpoints of a run folder.
+
+    newest: the newest usable training state, (path, contents): the `ckpt_epoch_N.pth` of the
+        highest N, or best.pth when it is newer (its epoch's checkpoint skipped by `SAVE_FREQ`,
+        or every epoch checkpoint since lost); None when there is none.
+    best: 'epoch', 'max_accuracy' and 'best_epoch' of best.pth; None when missing or unusable.
+    files: the names of all checkpoint files present, usable or not.
+    unusable: why each file that could not be used was skipped (one line each).
+    """
+    newest: Optional[Tuple[str, Dict[str, Any]]]
+    best: Optional[Dict[str, Any]]
+    files: List[str]
+    unusable: List[str]
+
+
+def find_saved_states(run_dir: str) -> SavedStates:
+    """Read the checkpoints of `run_dir` newest first until one is usable (unreadable,
+    truncated or damaged files are skipped), and best.pth."""
     if not os.path.isdir(run_dir):
-        return None
+        return SavedStates(None, None, [], [])
     epochs = sorted((int(match.group(1)) for match in map(EPOCH_CHECKPOINT.match, os.listdir(run_dir))
                      if match), reverse=True)
+    best_path = os.path.join(run_dir, BEST_CHECKPOINT)
+    files = [epoch_checkpoint_name(epoch) for epoch in epochs]
+    unusable = []
+    best_state = None
+    if os.path.isfile(best_path):
+        files.append(BEST_CHECKPOINT)
+        try:
+            best_state = read_training_state(best_path)
+        except CheckpointError as error:
+            unusable.append(str(error))
+    newest = None
     for epoch in epochs:
+        if best_state is not None and best_state['epoch'] > epoch:
+            break
         path = os.path.join(run_dir, epoch_checkpoint_name(epoch))
         try:
-            read_checkpoint(path)
+            newest = (path, read_training_state(path))
+            break
         except CheckpointError as error:
-            logger.warning(f"skipping {error}")
-            continue
-        return path
-    return None
+            unusable.append(str(error))
+    if newest is None and best_state is not None:
+        newest = (best_path, best_state)
+    best = {key: best_state.get(key) for key in ('epoch', 'max_accuracy', 'best_epoch')} \
+        if best_state is not None else None
+    return SavedStates(newest, best, files, unusable)
 
 
-def training_state(model: nn.Module, optimizer, scheduler, scaler, ema, epoch: int,
-                   max_accuracy: float, config: dict,
+def latest_checkpoint(run_dir: str) -> Optional[str]:
+    """The path of the newest usable training state in `run_dir` (see `find_saved_states`),
+    or None; files skipped on the way are logged."""
+    saved = find_saved_states(run_dir)
+    for reason in saved.unusable:
+        logger.warning(f"skipping {reason}")
+    return saved.newest[0] if saved.newest else None
+
+
+@dataclass
+class TrainingParts:
+    """What a training checkpoint saves and restores besides the progress counters."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler] = None
+    ema: Optional[nn.Module] = None  # timm ModelEmaV3: the averaged weights are `ema.module`
+
+
+def training_state(parts: TrainingParts, epoch: int, max_accuracy: float,
+                   best_epoch: Optional[int], config: dict, derived: dict,
                    classes: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Everything needed to continue a run after `epoch` (`config` as plain data), and the
-    class names in the order of the head's outputs."""
+    """Everything needed to continue a run after `epoch`: `config` as plain data (as given:
+    what config.yaml holds), `derived` the values the run derived from it, and the class names
+    in the order of the head's outputs."""
     return {
-        'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-        'lr_scheduler': scheduler.state_dict(),
-        'scaler': scaler.state_dict() if scaler is not None else None,
-        'ema': ema.module.state_dict() if ema is not None else None,
-        'epoch': epoch, 'max_accuracy': max_accuracy, 'config': config, 'classes': classes,
+        'model': parts.model.state_dict(), 'optimizer': parts.optimizer.state_dict(),
+        'scaler': parts.scaler.state_dict() if parts.scaler is not None else None,
+        'ema': parts.ema.module.state_dict() if parts.ema is not None else None,
+        'epoch': epoch, 'max_accuracy': max_accuracy, 'best_epoch': best_epoch,
+        'config': config, 'derived': derived, 'classes': classes,
     }
 
 
-def restore_training(path: str, model: nn.Module, optimizer, scheduler, scaler, ema,
-                     classes: Optional[List[str]] = None) -> Tuple[int, float]:
-    """Load a `training_state` checkpoint into every training component; returns the epoch to
-    start at and the best accuracy so far. An EMA missing from the checkpoint starts from the
-    loaded weights. A checkpoint trained on other classes than `classes` is refused."""
-    checkpoint = read_checkpoint(path)
-    if 'optimizer' not in checkpoint or 'epoch' not in checkpoint:
-        raise CheckpointError(f"{path} holds weights only, not a training state: use "
-                              f"--pretrained to start from it, or --eval to evaluate it")
+def restore_training(checkpoint: Dict[str, Any], path: str, parts: TrainingParts,
+                     classes: Optional[List[str]] = None) -> None:
+    """Load the `training_state` `checkpoint` (read from `path`) into `parts`.
+
+    The optimizer gets its per-parameter state (moments, step counts) back, but keeps the
+    hyperparameters it was built with from the config in force (learning rate, weight decay,
+    betas): the schedule then sets the rate of each step. An EMA missing from the checkpoint
+    starts from the loaded weights. A checkpoint trained on other classes than `classes` is
+    refused.
+    """
     trained_classes = checkpoint.get('classes')
     if classes is not None and trained_classes is not None \
             and list(trained_classes) != list(classes):
@@ -176,14 +259,21 @@ def restore_training(path: str, model: nn.Module, optimizer, scheduler, scaler, 
             f"{path} was trained on {len(trained_classes)} classes, the training data has "
             f"{len(classes)}, differing in {', '.join(differing)}: resume it on its own data, "
             f"or start a new run (another --tag) with --pretrained {path}")
-    load_weights(model, checkpoint['model'], path)
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    scheduler.load_state_dict(checkpoint['lr_scheduler'])
-    if scaler is not None and checkpoint.get('scaler'):
-        scaler.load_state_dict(checkpoint['scaler'])
-    if ema is not None:
-        ema.module.load_state_dict(checkpoint.get('ema') or model.state_dict())
-    return checkpoint['epoch'] + 1, float(checkpoint.get('max_accuracy', 0.0))
+    load_weights(parts.model, checkpoint['model'], path)
+    optimizer = parts.optimizer
+    hyperparameters = [{key: value for key, value in group.items() if key != 'params'}
+                       for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"the optimizer state in {path} does not fit this model's "
+                              f"parameters (another architecture?): {error}") from None
+    for group, values in zip(optimizer.param_groups, hyperparameters):
+        group.update(values)
+    if parts.scaler is not None and checkpoint.get('scaler'):
+        parts.scaler.load_state_dict(checkpoint['scaler'])
+    if parts.ema is not None:
+        parts.ema.module.load_state_dict(checkpoint.get('ema') or parts.model.state_dict())
 
 
 def model_weights(checkpoint: Dict[str, Any], model: nn.Module, path: str) -> Dict[str, torch.Tensor]:

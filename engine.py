@@ -6,7 +6,7 @@ import logging
 import resource
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from timm.utils import AverageMeter
@@ -81,17 +81,20 @@ def memory_used_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_one_epoch(model: nn.Module, criterion: Callable, loader, optimizer: torch.optim.Optimizer,
-                    scheduler, scaler: Optional[torch.amp.GradScaler], ema, mixup_fn: Optional[Callable],
-                    epoch: int, num_epochs: int, steps_per_epoch: int, settings: StepSettings,
-                    guard: NonFiniteGuard, device: torch.device, logger: logging.Logger,
-                    tb_writer=None) -> float:
+def train_one_epoch(*, model: nn.Module, criterion: Callable, loader,
+                    optimizer: torch.optim.Optimizer, scheduler,
+                    scaler: Optional[torch.amp.GradScaler] = None, ema=None,
+                    mixup_fn: Optional[Callable] = None, epoch: int, num_epochs: int,
+                    steps_per_epoch: int, settings: StepSettings, guard: NonFiniteGuard,
+                    device: torch.device, logger: logging.Logger, tb_writer=None) -> float:
     """Train for `steps_per_epoch` optimizer steps of `settings.accumulation_steps` batches
-    each; return the mean loss of the steps taken.
+    each; return the mean loss of the steps taken. Keyword arguments only: sixteen of them
+    are too many to pass by position.
 
     `model` may be DDP-wrapped (inner micro-batches run under `no_sync`) and/or compiled;
     `ema.update` receives the unwrapped module. The scheduler advances once per optimizer
-    step, skipped or not, so the schedule follows the data seen.
+    step, skipped or not, to global step `epoch * steps_per_epoch + step + 1`, so the schedule
+    follows the data seen. `epoch` of `num_epochs` is for the log.
     """
     model.train()
     accumulation = settings.accumulation_steps
@@ -178,8 +181,11 @@ def evaluate(model: nn.Module, loader, device: torch.device,
     """Top-1/top-5 accuracy (%) and mean cross-entropy over the whole validation set.
 
     Each process evaluates its own shard; correct counts, loss sums and image counts are
-    summed over processes, so every image counts exactly once whatever the shard sizes.
-    Top-5 becomes top-k with k = number of classes when there are fewer than five.
+    summed over processes (the one collective call), so every image counts exactly once
+    whatever the shard sizes, including empty ones. So `model` must make no collective calls
+    of its own: pass the unwrapped model, not the DDP wrapper, whose forward broadcasts buffers
+    and would wait for processes that have fewer batches. Top-5 becomes top-k with k = number
+    of classes when there are fewer than five.
     """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss, n
@@ -208,16 +214,33 @@ def evaluate(model: nn.Module, loader, device: torch.device,
                       loss=loss_sum / count, num_images=int(count))
 
 
+def throughput_batch(dataset, batch_size: int) -> Tuple[torch.Tensor, int]:
+    """A batch of `batch_size` images for `measure_throughput`: the first readable images of
+    `dataset` (items `(image, target)` or None), repeated when it holds fewer, so that the
+    batch measured is the one asked for, and every process gets it whatever its validation
+    shard holds. Returns the batch (B, C, H, W) and the number of distinct images in it."""
+    images = []
+    for index in range(len(dataset)):
+        item = dataset[index]
+        if item is not None:
+            images.append(item[0])
+            if len(images) == batch_size:
+                break
+    if not images:
+        raise DataError("no validation image could be read to measure the throughput on")
+    distinct = torch.stack(images)
+    repeats = -(-batch_size // len(images))
+    return distinct.repeat(repeats, 1, 1, 1)[:batch_size], len(images)
+
+
 @torch.no_grad()
-def measure_throughput(model: nn.Module, loader, device: torch.device,
+def measure_throughput(model: nn.Module, images: torch.Tensor, device: torch.device,
                        amp_dtype: Optional[torch.dtype] = None, warmup_iters: int = 50,
                        timed_iters: int = 30) -> float:
-    """Forward-pass images per second on one validation batch, after `warmup_iters` passes."""
+    """Forward-pass images per second on the batch `images`, after `warmup_iters` passes.
+    `model` must make no collective calls (not DDP-wrapped): processes measure independently."""
     model.eval()
-    batch = next(iter(loader))
-    if batch is None:
-        raise DataError("the first validation batch is unreadable")
-    images = batch[0].to(device, non_blocking=True)
+    images = images.to(device, non_blocking=True)
     with autocast(device, amp_dtype):
         for _ in range(warmup_iters):
             model(images)

@@ -8,12 +8,16 @@
 A run reads its config, joins the process group, builds data, model, optimizer and schedule,
 resumes from its newest checkpoint if there is one, then alternates training epochs with
 evaluations, saving checkpoints, metrics and TensorBoard scalars in OUTPUT/MODEL.NAME/TAG.
+
+The config stays as the user gave it (file, --opts and flags): what the run derives from it
+(the class count of the data, the learning rates scaled to the total batch) is applied beside
+it and recorded next to it, so that config.yaml and the checkpoints hold the same config and a
+run from either derives the same values again.
 """
 import argparse
 import datetime
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -24,19 +28,19 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from yacs.config import CfgNode as CN
 
-from checkpoint import (BEST_CHECKPOINT, epoch_checkpoint_name, latest_checkpoint,
-                        load_for_evaluation, load_pretrained, non_finite_entries, read_checkpoint,
-                        restore_training, training_state)
-from config import (ConfigError, accumulation_steps, config_to_dict, defaults_note, dump_config, get_config,
+from checkpoint import (BEST_CHECKPOINT, TrainingParts, epoch_checkpoint_name, load_for_evaluation,
+                        load_pretrained, non_finite_tensors, read_checkpoint, training_state)
+from config import (ConfigError, accumulation_steps, config_to_dict, defaults_note, get_config,
                     run_folder)
 from data import Loaders, build_loader, prepare_demo_data
-from distributed import DistContext, barrier, cleanup, init_distributed
+from distributed import (DistContext, barrier, broadcast_buffers, init_distributed,
+                         leave_process_group, stop_watching, writing_files)
 from engine import (EvalResult, NonFiniteGuard, StepSettings, evaluate, measure_throughput,
-                    train_one_epoch)
-from logger import create_logger
-from lr_scheduler import build_scheduler
+                    throughput_batch, train_one_epoch)
+from lr_scheduler import build_scheduler, scaled_learning_rates
 from models import build_model
 from optimizer import build_optimizer
+from resume import resume_training
 from run_outputs import RunOutputs
 from utils import UserError, seed_everything
 
@@ -89,15 +93,22 @@ def resolve_amp_dtype(config: CN, device: torch.device) -> Optional[torch.dtype]
     return AMP_DTYPES[config.AMP_DTYPE]
 
 
-def scale_learning_rates(config: CN, world_size: int) -> None:
-    """Scale BASE_LR, WARMUP_LR and MIN_LR from 'per 512 images' to the total batch per
-    optimizer step (batch x processes x accumulation steps), as in the paper's recipe."""
-    factor = config.DATA.BATCH_SIZE * world_size * accumulation_steps(config) / 512.0
-    config.defrost()
-    config.TRAIN.BASE_LR *= factor
-    config.TRAIN.WARMUP_LR *= factor
-    config.TRAIN.MIN_LR *= factor
-    config.freeze()
+def config_record(config: CN) -> dict:
+    """The config as config.yaml and the checkpoints save it (one dict for both): as given,
+    with its `BASE:` files merged in (so the list is emptied)."""
+    record = config_to_dict(config)
+    record['BASE'] = ['']
+    return record
+
+
+def with_num_classes(config: CN, num_classes: int) -> CN:
+    """A frozen copy of `config` for building the model with the class count of the data,
+    which the saved config does not take (see the module's docstring)."""
+    model_config = config.clone()
+    model_config.defrost()
+    model_config.MODEL.NUM_CLASSES = num_classes
+    model_config.freeze()
+    return model_config
 
 
 def build_criterion(config: CN, mixup_active: bool) -> torch.nn.Module:
@@ -122,15 +133,18 @@ class TrainingDivergedError(UserError):
 
 @dataclass
 class RunSetup:
-    """What every mode of a run works with: the config (class count set from the data), the
-    process group, the logger, the data, the model and the module that runs batches (the model,
-    DDP-wrapped and/or compiled)."""
+    """What every mode of a run works with: the config in force (as given), the process group,
+    the logger, the data, the model (with the data's class count), the module that trains on
+    batches (the model, DDP-wrapped and/or compiled) and the one that evaluates them (the
+    model, compiled or not, never DDP-wrapped: processes evaluate different numbers of
+    batches, see `engine.evaluate`)."""
     config: CN
     ctx: DistContext
     logger: logging.Logger
     loaders: Loaders
     model: torch.nn.Module
     runner: torch.nn.Module
+    evaluator: torch.nn.Module
     amp_dtype: Optional[torch.dtype]
 
 
@@ -144,7 +158,7 @@ def run(args: argparse.Namespace) -> None:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN picks its fastest convolutions once
     seed_everything(config.SEED + ctx.rank)
     with RunOutputs(run_folder(config), ctx.is_main) as outputs:
-        logger = create_logger(outputs.folder, ctx.rank)
+        logger = outputs.create_logger(ctx.rank)
         logger.info(f"run folder {outputs.folder}, process {ctx.rank}/{ctx.world_size} on "
                     f"{ctx.device}")
         if ctx.is_main:
@@ -165,8 +179,8 @@ def run(args: argparse.Namespace) -> None:
 
 def set_up(config: CN, ctx: DistContext, logger: logging.Logger, outputs: RunOutputs,
            classes: Optional[List[str]] = None) -> RunSetup:
-    """Data (the user's folders or zips, or the built-in demo dataset), the model at its
-    class count and precision, and the module that runs batches."""
+    """Data (the user's folders or zips, or the built-in demo dataset), the model at the
+    data's class count and its precision, and the modules that train and evaluate on batches."""
     if not config.DATA.DATA_PATH:
         demo_path, written = prepare_demo_data(config, ctx.is_main)
         logger.info(f"no --data-path given: using the built-in demo dataset (10 classes of "
@@ -175,21 +189,16 @@ def set_up(config: CN, ctx: DistContext, logger: logging.Logger, outputs: RunOut
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
     loaders = build_loader(config, ctx.rank, ctx.world_size, with_train=training,
                            classes=classes)
+    logger.info(config.dump())
     if loaders.num_classes != config.MODEL.NUM_CLASSES:
-        logger.info(f"MODEL.NUM_CLASSES set to {loaders.num_classes}, the number of classes in "
-                    f"the {'training data' if training else 'checkpoint or validation data'} "
-                    f"(config said {config.MODEL.NUM_CLASSES})")
-        config.defrost()
-        config.MODEL.NUM_CLASSES = loaders.num_classes
-        config.freeze()
+        logger.info(f"the model has {loaders.num_classes} outputs, the number of classes in the "
+                    f"{'training data' if training else 'checkpoint or validation data'}, not "
+                    f"MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES}")
     logger.info(f"{len(loaders.dataset_train) if training else 'no'} training and "
                 f"{len(loaders.dataset_val)} validation images in {loaders.num_classes} classes")
-    if ctx.is_main:
-        dump_config(config, os.path.join(outputs.folder, 'config.yaml'))
-    logger.info(config.dump())
 
     try:
-        model = build_model(config)
+        model = build_model(with_num_classes(config, loaders.num_classes))
     except TypeError as error:  # arguments in MODEL.TIMM.KWARGS that the timm model lacks
         if config.MODEL.TYPE != 'timm':
             raise
@@ -203,23 +212,31 @@ def set_up(config: CN, ctx: DistContext, logger: logging.Logger, outputs: RunOut
     model.to(ctx.device)
     amp_dtype = resolve_amp_dtype(config, ctx.device)
     logger.info(f"mixed precision: {amp_dtype or 'off'}")
-    runner = model
-    if ctx.world_size > 1:
-        runner = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.local_rank] if ctx.device.type == 'cuda' else None)
-    if config.COMPILE:
-        runner = torch.compile(runner)
-    return RunSetup(config, ctx, logger, loaders, model, runner, amp_dtype)
+    compile_model = torch.compile if config.COMPILE else (lambda module: module)
+    evaluator = compile_model(model)
+    runner = evaluator
+    if ctx.world_size > 1 and training:
+        runner = compile_model(torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.local_rank] if ctx.device.type == 'cuda' else None))
+    return RunSetup(config, ctx, logger, loaders, model, runner, evaluator, amp_dtype)
 
 
 def measure(setup: RunSetup, outputs: RunOutputs) -> None:
-    """--throughput: forward images per second on one validation batch."""
-    images_per_second = measure_throughput(setup.runner, setup.loaders.loader_val,
-                                           setup.ctx.device, setup.amp_dtype)
-    batch_size = setup.config.DATA.BATCH_SIZE
-    setup.logger.info(f"batch_size {batch_size} throughput {images_per_second:.2f}")
-    outputs.append_metrics({'throughput': images_per_second, 'batch_size': batch_size})
-    outputs.add_scalars({'throughput': images_per_second}, batch_size)
+    """--throughput: forward images per second on a batch of DATA.BATCH_SIZE validation images
+    (in every process, whatever its validation shard holds)."""
+    images, distinct = throughput_batch(setup.loaders.dataset_val, setup.config.DATA.BATCH_SIZE)
+    if distinct < len(images):
+        setup.logger.info(f"the batch of {len(images)} repeats the {distinct} validation images "
+                          f"there are")
+    images_per_second = measure_throughput(setup.evaluator, images, setup.ctx.device,
+                                           setup.amp_dtype)
+    setup.logger.info(f"batch_size {len(images)} throughput {images_per_second:.2f}")
+    outputs.append_metrics({'throughput': images_per_second, 'batch_size': len(images),
+                            'distinct_images': distinct, 'processes': setup.ctx.world_size})
+    outputs.add_scalars({'throughput': images_per_second}, len(images))
+    outputs.write_config('throughput', config_record(setup.config),
+                         {'MODEL.NUM_CLASSES': setup.loaders.num_classes,
+                          'processes': setup.ctx.world_size})
 
 
 def evaluate_checkpoint(setup: RunSetup, outputs: RunOutputs, checkpoint: dict) -> None:
@@ -227,24 +244,24 @@ def evaluate_checkpoint(setup: RunSetup, outputs: RunOutputs, checkpoint: dict) 
     path = setup.config.MODEL.RESUME
     load_for_evaluation(path, setup.model, checkpoint)
     setup.logger.info(f"evaluating {path}")
-    result = evaluate(setup.runner, setup.loaders.loader_val, setup.ctx.device, setup.amp_dtype)
+    result = evaluate(setup.evaluator, setup.loaders.loader_val, setup.ctx.device,
+                      setup.amp_dtype)
     log_accuracy(setup.logger, result)
     trained_epochs = checkpoint.get('epoch')
     outputs.append_metrics({
         'epoch': trained_epochs if isinstance(trained_epochs, int) else None,
         'acc1': result.acc1, 'acc5': result.acc5, 'loss': result.loss, 'max_acc1': result.acc1,
         'ema_acc1': None, 'num_images': result.num_images, 'checkpoint': path})
+    outputs.write_config('eval', config_record(setup.config),
+                         {'MODEL.NUM_CLASSES': setup.loaders.num_classes,
+                          'processes': setup.ctx.world_size})
 
 
 def train(setup: RunSetup, outputs: RunOutputs) -> None:
-    """Optimizer, schedule, loss, scaler and EMA; resume; then per epoch: train, evaluate,
-    record the metrics, save the checkpoints."""
+    """Learning rates, optimizer, schedule, loss, scaler and EMA; resume; then per epoch:
+    train, evaluate, record the metrics, save the checkpoints."""
     config, ctx, logger, loaders, model = (setup.config, setup.ctx, setup.logger, setup.loaders,
                                            setup.model)
-    scale_learning_rates(config, ctx.world_size)
-    logger.info(f"learning rates for the total batch: base {config.TRAIN.BASE_LR:.3e}, warm-up "
-                f"{config.TRAIN.WARMUP_LR:.3e}, min {config.TRAIN.MIN_LR:.3e}")
-    optimizer = build_optimizer(config, model)
     accumulation = accumulation_steps(config)
     steps_per_epoch = len(loaders.loader_train) // accumulation
     if steps_per_epoch == 0:
@@ -252,99 +269,114 @@ def train(setup: RunSetup, outputs: RunOutputs) -> None:
             f"one optimizer step needs {config.DATA.BATCH_SIZE * accumulation * ctx.world_size} "
             f"training images (batch x accumulation x processes) but there are only "
             f"{len(loaders.dataset_train)}: lower --batch-size or --accumulation-steps")
-    scheduler = build_scheduler(config, optimizer, steps_per_epoch)
+    rates = scaled_learning_rates(config, config.DATA.BATCH_SIZE * ctx.world_size * accumulation)
+    logger.info(f"learning rates for the total batch of {rates.total_batch}: base "
+                f"{rates.base:.3e}, warm-up {rates.warmup:.3e}, min {rates.min:.3e}")
+    derived = {'MODEL.NUM_CLASSES': loaders.num_classes, 'TRAIN.BASE_LR': rates.base,
+               'TRAIN.WARMUP_LR': rates.warmup, 'TRAIN.MIN_LR': rates.min,
+               'total_batch': rates.total_batch, 'processes': ctx.world_size,
+               'accumulation_steps': accumulation, 'steps_per_epoch': steps_per_epoch}
+    record = config_record(config)
+    optimizer = build_optimizer(config, model, rates.base)
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch, rates)
     criterion = build_criterion(config, loaders.mixup_fn is not None)
     scaler = torch.amp.GradScaler(ctx.device.type) if setup.amp_dtype == torch.float16 else None
     ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
+    parts = TrainingParts(model, optimizer, scaler, ema)
 
-    # Resume: the newest checkpoint of this run folder wins over MODEL.RESUME.
-    start_epoch, max_accuracy = config.TRAIN.START_EPOCH, 0.0
-    resume_path = (latest_checkpoint(outputs.folder) if config.TRAIN.AUTO_RESUME else None) \
-        or config.MODEL.RESUME
-    if resume_path:
-        start_epoch, max_accuracy = restore_training(resume_path, model, optimizer, scheduler,
-                                                     scaler, ema, loaders.classes)
-        logger.info(f"resumed from {resume_path}: continuing at epoch {start_epoch}, "
-                    f"best Acc@1 so far {max_accuracy:.2f}%")
-    retrained = outputs.drop_training_metrics_from(start_epoch)
+    progress = resume_training(outputs, config, parts, loaders.classes, record, derived, logger)
+    retrained = outputs.drop_training_metrics_from(progress.start_epoch)
     if retrained:
         logger.info(f"metrics.jsonl: removed the records of epochs {retrained}, which this run "
                     f"trains again (they were not checkpointed)")
+    outputs.write_config('train', record, derived)
+    scheduler.step_update(num_updates=progress.start_epoch * steps_per_epoch)
 
     settings = StepSettings(accumulation_steps=accumulation, clip_grad=config.TRAIN.CLIP_GRAD,
                             amp_dtype=setup.amp_dtype, print_freq=config.PRINT_FREQ)
     guard = NonFiniteGuard(config.TRAIN.MAX_NONFINITE_STEPS, logger)
-    plain_config = config_to_dict(config)
     logger.info("start training")
     start_time = time.time()
-    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+    for epoch in range(progress.start_epoch, config.TRAIN.EPOCHS):
         # Seeding per epoch (and rank; workers also by their id) makes a resumed run draw the
         # same augmentations, drop paths and mixes as an uninterrupted one.
         seed_everything(config.SEED + 10007 * epoch + ctx.rank)
         loaders.set_epoch(epoch)
         train_loss = train_one_epoch(
-            setup.runner, criterion, loaders.loader_train, optimizer, scheduler, scaler, ema,
-            loaders.mixup_fn, epoch, config.TRAIN.EPOCHS, steps_per_epoch, settings, guard,
-            ctx.device, logger, outputs.tb_writer)
+            model=setup.runner, criterion=criterion, loader=loaders.loader_train,
+            optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema,
+            mixup_fn=loaders.mixup_fn, epoch=epoch, num_epochs=config.TRAIN.EPOCHS,
+            steps_per_epoch=steps_per_epoch, settings=settings, guard=guard, device=ctx.device,
+            logger=logger, tb_writer=outputs.tb_writer)
         if loaders.dataset_train.num_unreadable:
             logger.warning(f"{loaders.dataset_train.num_unreadable} unreadable training images "
                            f"skipped so far by this process")
 
-        result = evaluate(setup.runner, loaders.loader_val, ctx.device, setup.amp_dtype)
+        broadcast_buffers(model)
+        result = evaluate(setup.evaluator, loaders.loader_val, ctx.device, setup.amp_dtype)
         log_accuracy(logger, result)
-        ema_result = evaluate(ema.module, loaders.loader_val, ctx.device, setup.amp_dtype) \
-            if ema is not None else None
-        if ema_result is not None:
+        ema_result = None
+        if ema is not None:
+            broadcast_buffers(ema.module)
+            ema_result = evaluate(ema.module, loaders.loader_val, ctx.device, setup.amp_dtype)
             log_accuracy(logger, ema_result, 'EMA network')
-        state = training_state(model, optimizer, scheduler, scaler, ema, epoch, max_accuracy,
-                               plain_config, loaders.classes)
-        non_finite = non_finite_entries(state)
+        state = training_state(parts, epoch, progress.max_accuracy, progress.best_epoch, record,
+                               derived, loaders.classes)
+        non_finite = non_finite_tensors(state)
         diverged = bool(non_finite) or not math.isfinite(result.loss)
-        is_best = not diverged and result.acc1 > max_accuracy
+        is_best = not diverged and result.acc1 > progress.max_accuracy
         if is_best:
-            max_accuracy = state['max_accuracy'] = result.acc1
-        logger.info(f'Max accuracy: {max_accuracy:.2f}%')
+            progress.max_accuracy, progress.best_epoch = result.acc1, epoch
+            state.update(max_accuracy=result.acc1, best_epoch=epoch)
+        logger.info(f'Max accuracy: {progress.max_accuracy:.2f}%')
 
         # Metrics first: a run killed before its checkpoint trains this epoch again and
-        # replaces them; one killed after it has them.
-        outputs.append_metrics({
-            'epoch': epoch, 'acc1': result.acc1, 'acc5': result.acc5, 'loss': result.loss,
-            'max_acc1': max_accuracy,
-            'ema_acc1': ema_result.acc1 if ema_result is not None else None,
-            'train_loss': train_loss, 'lr': optimizer.param_groups[0]['lr'],
-            'num_images': result.num_images})
-        scalars = {'val/acc1': result.acc1, 'val/acc5': result.acc5, 'val/loss': result.loss}
-        if ema_result is not None:
-            scalars['val/ema_acc1'] = ema_result.acc1
-        outputs.add_scalars(scalars, epoch)
-        if diverged:
-            what = f"{len(non_finite)} tensors of the training state (e.g. {non_finite[0]})" \
-                if non_finite else "the validation loss"
-            raise TrainingDivergedError(
-                f"training diverged in epoch {epoch}: {what} not finite; stopped without "
-                f"saving, so the last checkpoint is the last good state. Lower TRAIN.BASE_LR, "
-                f"check the data, or try AMP_DTYPE bf16/none")
-        if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
-            path = outputs.save_checkpoint(state, epoch_checkpoint_name(epoch))
-            logger.info(f"saved {path}")
-        if is_best:
-            outputs.save_checkpoint(state, BEST_CHECKPOINT)
+        # replaces them; one killed after it has them. A peer's failure waits for the writes.
+        with writing_files():
+            outputs.append_metrics({
+                'epoch': epoch, 'acc1': result.acc1, 'acc5': result.acc5, 'loss': result.loss,
+                'max_acc1': progress.max_accuracy,
+                'ema_acc1': ema_result.acc1 if ema_result is not None else None,
+                'train_loss': train_loss, 'lr': optimizer.param_groups[0]['lr'],
+                'num_images': result.num_images})
+            scalars = {'val/acc1': result.acc1, 'val/acc5': result.acc5, 'val/loss': result.loss}
+            if ema_result is not None:
+                scalars['val/ema_acc1'] = ema_result.acc1
+            outputs.add_scalars(scalars, epoch)
+            if diverged:
+                what = f"{len(non_finite)} tensors of the training state (e.g. {non_finite[0]})" \
+                    if non_finite else "the validation loss"
+                raise TrainingDivergedError(
+                    f"training diverged in epoch {epoch}: {what} not finite; stopped without "
+                    f"saving, so the last checkpoint is the last good state. Lower TRAIN.BASE_LR, "
+                    f"check the data, or try AMP_DTYPE bf16/none")
+            if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
+                path = outputs.save_checkpoint(state, epoch_checkpoint_name(epoch))
+                logger.info(f"saved {path}")
+            if is_best:
+                outputs.save_checkpoint(state, BEST_CHECKPOINT)
         barrier()
     logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run and return the exit status: 0, or 1 with one line on stderr for a user error."""
+    """Run and return the exit status: 0, or 1 with one line on stderr for a user error. A
+    process that fails tells the others of its process group, which then stop too."""
     args = parse_args(argv)
-    finished = False
     try:
         run(args)
-        finished = True
     except UserError as error:
+        stop_watching()
         print(f"error: {error}", file=sys.stderr, flush=True)
+        leave_process_group(failure=str(error))
         return 1
-    finally:
-        cleanup(finished)
+    except BaseException as error:  # a bug (or an interruption): it keeps its traceback
+        stop_watching()
+        summary = (str(error).strip().splitlines() or [''])[0]
+        leave_process_group(failure=f"{type(error).__name__}: {summary} (see that process's "
+                                    f"traceback)")
+        raise
+    leave_process_group()
     return 0
 
 

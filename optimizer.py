@@ -1,4 +1,4 @@
-"""`build_optimizer(config, model)`: AdamW (or SGD) with weight decay only where it belongs."""
+"""`build_optimizer(config, model, lr)`: AdamW (or SGD) with weight decay only where it belongs."""
 from typing import Iterable, List, Set
 
 import torch
@@ -27,16 +27,16 @@ def parameter_groups(model: nn.Module, weight_decay: float, skip_names: Set[str]
             {'params': no_decay, 'weight_decay': 0.0}]
 
 
-def build_optimizer(config: CN, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer for `model` (unwrapped from DDP) at `config.TRAIN.BASE_LR`, which the
-    caller has already scaled to the total batch."""
+def build_optimizer(config: CN, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The optimizer for `model` (unwrapped from DDP) at `lr`: `TRAIN.BASE_LR` scaled to the
+    total batch (`lr_scheduler.LearningRates.base`)."""
     skip_names = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
     skip_keywords = set(model.no_weight_decay_keywords()) \
         if hasattr(model, 'no_weight_decay_keywords') else set()
     groups = parameter_groups(model, config.TRAIN.WEIGHT_DECAY, skip_names, skip_keywords)
     opt = config.TRAIN.OPTIMIZER
     if opt.NAME == 'sgd':
-        return torch.optim.SGD(groups, lr=config.TRAIN.BASE_LR, momentum=opt.MOMENTUM,
+        return torch.optim.SGD(groups, lr=lr, momentum=opt.MOMENTUM,
                                nesterov=True)
-    return torch.optim.AdamW(groups, lr=config.TRAIN.BASE_LR, eps=opt.EPS,
+    return torch.optim.AdamW(groups, lr=lr, eps=opt.EPS,
                              betas=tuple(opt.BETAS))

@@ -84,10 +84,10 @@ def test_non_finite_loss_stops_without_overwriting_last_good_checkpoint(tmp_path
                                                                        monkeypatch, capsys):
     real_train_one_epoch = main.train_one_epoch
 
-    def diverge_in_second_epoch(model, *args, **kwargs):
-        if args[7] == 1:  # epoch
-            model.register_forward_hook(lambda module, inputs, output: output * float('nan'))
-        return real_train_one_epoch(model, *args, **kwargs)
+    def diverge_in_second_epoch(**kwargs):
+        if kwargs['epoch'] == 1:
+            kwargs['model'].register_forward_hook(lambda module, inputs, output: output * float('nan'))
+        return real_train_one_epoch(**kwargs)
 
     monkeypatch.setattr(main, 'train_one_epoch', diverge_in_second_epoch)
     cfg = write_micro_config(str(tmp_path), 'TRAIN:\n  MAX_NONFINITE_STEPS: 3\n')

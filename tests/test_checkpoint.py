@@ -9,48 +9,41 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 import checkpoint as ckpt
-from lr_scheduler import build_scheduler
 from config import get_config
 
 
-def training_parts(seed: int):
+def training_parts(seed: int, lr: float = 1e-3) -> ckpt.TrainingParts:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    config = get_config()
-    config.defrost()
-    config.TRAIN.EPOCHS, config.TRAIN.WARMUP_EPOCHS = 2, 1
-    scheduler = build_scheduler(config, optimizer, steps_per_epoch=5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=lr)
     scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** seed)
-    ema = ModelEmaV3(model, decay=0.9)
-    return model, optimizer, scheduler, scaler, ema
+    return ckpt.TrainingParts(model, optimizer, scaler, ModelEmaV3(model, decay=0.9))
 
 
 def test_training_state_round_trips_through_a_weights_only_file(tmp_path):
-    model, optimizer, scheduler, scaler, ema = training_parts(seed=3)
-    model(torch.randn(2, 4)).sum().backward()
-    optimizer.step()
-    scheduler.step_update(7)
-    scaler.scale(torch.tensor(1.0))
-    scaler.update(new_scale=123.0)
-    ema.update(model, step=5)
+    """Everything but the optimizer's hyperparameters, which stay those of the config in
+    force (here another learning rate and weight decay)."""
+    parts = training_parts(seed=3)
+    parts.model(torch.randn(2, 4)).sum().backward()
+    parts.optimizer.step()
+    parts.scaler.scale(torch.tensor(1.0))
+    parts.scaler.update(new_scale=123.0)
+    parts.ema.update(parts.model, step=5)
     path = str(tmp_path / 'ckpt_epoch_4.pth')
-    ckpt.save_checkpoint(ckpt.training_state(model, optimizer, scheduler, scaler, ema, 4, 55.5,
-                                             {'MODEL': {'NAME': 'x'}}), path)
-    torch.load(path, weights_only=True)
+    ckpt.save_checkpoint(ckpt.training_state(parts, 4, 55.5, 3, {'MODEL': {'NAME': 'x'}},
+                                             {'total_batch': 8}), path)
+    checkpoint = ckpt.read_training_state(path)
+    assert (checkpoint['epoch'], checkpoint['max_accuracy'], checkpoint['best_epoch']) == (4, 55.5, 3)
 
-    fresh = training_parts(seed=9)
-    start_epoch, best = ckpt.restore_training(path, *fresh)
-    assert (start_epoch, best) == (5, 55.5)
-    model2, optimizer2, scheduler2, scaler2, ema2 = fresh
-    assert scaler2.get_scale() == 123.0
-    assert scheduler2.state_dict() == scheduler.state_dict()
-    assert optimizer2.param_groups[0]['lr'] == optimizer.param_groups[0]['lr']
-    torch.testing.assert_close(optimizer2.state_dict()['state'][0]['exp_avg'],
-                               optimizer.state_dict()['state'][0]['exp_avg'])
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(model2.state_dict()[name], value)
-        torch.testing.assert_close(ema2.module.state_dict()[name], ema.module.state_dict()[name])
+    fresh = training_parts(seed=9, lr=2e-3)
+    ckpt.restore_training(checkpoint, path, fresh)
+    assert fresh.scaler.get_scale() == 123.0
+    assert fresh.optimizer.param_groups[0]['lr'] == fresh.optimizer.param_groups[0]['weight_decay'] == 2e-3
+    torch.testing.assert_close(fresh.optimizer.state_dict()['state'][0]['exp_avg'],
+                               parts.optimizer.state_dict()['state'][0]['exp_avg'])
+    for name, value in parts.model.state_dict().items():
+        torch.testing.assert_close(fresh.model.state_dict()[name], value)
+        torch.testing.assert_close(fresh.ema.module.state_dict()[name], parts.ema.module.state_dict()[name])
 
 
 def test_save_is_atomic_and_keeps_the_previous_file_on_failure(tmp_path, monkeypatch):
@@ -68,7 +61,7 @@ def test_save_is_atomic_and_keeps_the_previous_file_on_failure(tmp_path, monkeyp
 
 def test_latest_checkpoint_skips_an_unreadable_newest_file(tmp_path):
     for epoch in (1, 2, 10):
-        ckpt.save_checkpoint({'epoch': epoch}, str(tmp_path / f'ckpt_epoch_{epoch}.pth'))
+        ckpt.save_checkpoint({'epoch': epoch, 'optimizer': {}}, str(tmp_path / f'ckpt_epoch_{epoch}.pth'))
     assert ckpt.latest_checkpoint(str(tmp_path)).endswith('ckpt_epoch_10.pth'), "numeric order"
     (tmp_path / 'ckpt_epoch_11.pth').write_bytes(b'half a file')
     (tmp_path / 'ckpt_epoch_12.pth.tmp.123').write_bytes(b'in progress')
@@ -80,7 +73,7 @@ def test_weights_only_checkpoint_cannot_resume_training(tmp_path):
     path = str(tmp_path / 'released.pth')
     torch.save({'model': nn.Linear(4, 4).state_dict()}, path)
     with pytest.raises(ckpt.CheckpointError, match='holds weights only'):
-        ckpt.restore_training(path, *training_parts(seed=1))
+        ckpt.read_training_state(path)
 
 
 def test_official_training_checkpoint_with_yacs_config_is_refused_then_converted(tmp_path):
@@ -99,3 +92,26 @@ def test_official_training_checkpoint_with_yacs_config_is_refused_then_converted
     assert result.returncode == 0, result.stderr
     loaded = ckpt.read_checkpoint(str(converted))['model']
     assert loaded.keys() == weights.keys() and torch.equal(loaded['head.weight'], weights['head.weight'])
+
+
+def test_whole_model_saved_with_torch_save_is_converted_to_its_weights(tmp_path):
+    """`torch.save(model)` pickles the model object: the read error names the converter, and the
+    converter gives the model's weights, which then load into a fresh model."""
+    from conftest import MICRO_FOCAL
+    from models import FocalTransformer
+    torch.manual_seed(0)
+    model = FocalTransformer(img_size=32, num_classes=3, **MICRO_FOCAL)
+    pickled = tmp_path / 'model.pth'
+    torch.save(model, pickled)
+    with pytest.raises(ckpt.CheckpointError, match=r'torch\.save\(model\).*scripts/convert_checkpoint\.py'):
+        ckpt.read_checkpoint(str(pickled))
+
+    converted = tmp_path / 'weights.pth'
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, 'scripts/convert_checkpoint.py', str(pickled), str(converted)],
+                            cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    fresh = FocalTransformer(img_size=32, num_classes=3, **MICRO_FOCAL)
+    ckpt.load_for_evaluation(str(converted), fresh)
+    for name, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name

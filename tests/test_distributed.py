@@ -1,13 +1,22 @@
-"""Two CPU processes (gloo) under torchrun and torch.distributed.launch."""
+"""Two CPU processes (gloo) under torchrun, torch.distributed.launch and no launcher at all."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
+import torch
 
-from conftest import launcher_env, run_main, run_main_subprocess, write_micro_config, write_tiny_dataset
+import main
+from config import get_config
+from data.images import folder_samples
+from conftest import (REPO_ROOT, launcher_env, run_main, run_main_subprocess, write_micro_config,
+                      write_tiny_dataset)
+from lr_scheduler import build_scheduler, scaled_learning_rates
+from optimizer import build_optimizer
 
 
 def free_port() -> int:
@@ -18,12 +27,28 @@ def free_port() -> int:
 
 @pytest.fixture(scope='module')
 def workspace(tmp_path_factory):
-    """Tiny data with 29 validation images (shards of 15 and 14: padding would count one
-    image twice) and a micro config."""
+    """Tiny data (40 training images) twice: `data` with a val/ of one image, so that one of
+    two processes has no validation image at all, and `data_17`, whose val/ of 17 images gives
+    shards of 9 and 8 images, two batches of 8 in one process and one in the other (and whose
+    padding would count one image twice); a micro config of 3 epochs, 1 of warm-up."""
     root = tmp_path_factory.mktemp('dist')
     data = write_tiny_dataset(str(root / 'data'))
-    os.remove(os.path.join(data, 'val', 'circle', 'circle_00000.png'))
-    return dict(root=root, data=data, cfg=write_micro_config(str(root)))
+    data_17 = root / 'data_17'
+    data_17.mkdir()
+    os.symlink(os.path.join(data, 'train'), data_17 / 'train')
+    val = os.path.join(data, 'val')
+    images = sorted((name, image) for name in os.listdir(val) for image in os.listdir(os.path.join(val, name)))
+    for index, (name, image) in enumerate(images):
+        if index < 17:
+            os.makedirs(data_17 / 'val' / name, exist_ok=True)
+            shutil.copy(os.path.join(val, name, image), data_17 / 'val' / name)
+        if index > 0:
+            os.remove(os.path.join(val, name, image))
+    for name in os.listdir(val):
+        if not os.listdir(os.path.join(val, name)):
+            os.rmdir(os.path.join(val, name))
+    cfg = write_micro_config(str(root), 'TRAIN:\n  EPOCHS: 3\n  WARMUP_EPOCHS: 1\n')
+    return dict(root=root, data=data, data_17=str(data_17), cfg=cfg)
 
 
 def last_metrics(run_dir: str) -> dict:
@@ -33,29 +58,53 @@ def last_metrics(run_dir: str) -> dict:
 
 @pytest.fixture(scope='module')
 def torchrun_training(workspace):
+    """Epoch 0 in one process (stopped before epoch 1), then epochs 1 and 2 resumed under
+    torchrun in two processes, each of which validates on its shard of one image."""
     output = str(workspace['root'] / 'out')
-    result = run_main_subprocess(
-        ['torch.distributed.run', '--standalone', '--nproc_per_node', '2'],
-        ['--cfg', workspace['cfg'], '--data-path', workspace['data'], '--output', output])
+    args = ['--cfg', workspace['cfg'], '--data-path', workspace['data'], '--output', output]
+    real_train_one_epoch = main.train_one_epoch
+
+    def stop_before_epoch_1(**kwargs):
+        if kwargs['epoch'] == 1:
+            raise KeyboardInterrupt
+        return real_train_one_epoch(**kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(main, 'train_one_epoch', stop_before_epoch_1)
+        with pytest.raises(KeyboardInterrupt):
+            run_main(args)
+    result = run_main_subprocess(['torch.distributed.run', '--standalone', '--nproc_per_node', '2'], args)
     return result, os.path.join(output, 'micro_focal', 'default')
 
 
-def test_two_process_torchrun_training(torchrun_training):
+def test_two_process_torchrun_training(workspace, torchrun_training):
+    """Also: a process without validation images takes part in the evaluation, and going from
+    one process to two after epoch 0 continues the schedule of the new total batch (no second
+    warm-up), as the log says."""
     result, run_dir = torchrun_training
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert 'process 0/2' in result.stdout
+    assert 'total batch changed from 8 to 16 images per optimizer step (2 processes' in result.stdout
     assert os.path.exists(os.path.join(run_dir, 'log_rank1.txt'))
-    assert os.path.exists(os.path.join(run_dir, 'ckpt_epoch_0.pth'))
-    metrics = last_metrics(run_dir)
-    assert metrics['num_images'] == 29
+    assert os.path.exists(os.path.join(run_dir, 'ckpt_epoch_2.pth'))
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        metrics = [json.loads(line) for line in f]
+    assert [m['epoch'] for m in metrics] == [0, 1, 2] and metrics[-1]['num_images'] == 1
+    config = get_config(main.parse_args(['--cfg', workspace['cfg']]))
+    rates = scaled_learning_rates(config, total_batch=16)
+    schedule = build_scheduler(config, build_optimizer(config, torch.nn.Linear(1, 1), rates.base),
+                               steps_per_epoch=2, rates=rates)  # 20 images per process, batch 8
+    schedule.step_update(num_updates=4)
+    assert metrics[1]['lr'] == pytest.approx(schedule.optimizer.param_groups[0]['lr'], rel=1e-6)
 
 
 def test_two_process_eval_counts_each_image_once(workspace, torchrun_training, tmp_path):
     """`torch.distributed.launch` (which passes --local-rank) evaluates the checkpoint over two
-    processes with exactly the single-process result."""
+    processes with exactly the single-process result, although one process has a batch more
+    than the other."""
     _, run_dir = torchrun_training
-    checkpoint = os.path.join(run_dir, 'ckpt_epoch_0.pth')
-    common = ['--cfg', workspace['cfg'], '--data-path', workspace['data'], '--eval',
+    checkpoint = os.path.join(run_dir, 'ckpt_epoch_2.pth')
+    common = ['--cfg', workspace['cfg'], '--data-path', workspace['data_17'], '--eval',
               '--resume', checkpoint]
     assert run_main(common + ['--output', str(tmp_path / 'single')]) == 0
     single = last_metrics(str(tmp_path / 'single' / 'micro_focal' / 'default'))
@@ -65,9 +114,62 @@ def test_two_process_eval_counts_each_image_once(workspace, torchrun_training, t
         common + ['--output', str(tmp_path / 'double')])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     double = last_metrics(str(tmp_path / 'double' / 'micro_focal' / 'default'))
-    assert single['num_images'] == double['num_images'] == 29
+    assert single['num_images'] == double['num_images'] == 17
     assert double['acc1'] == pytest.approx(single['acc1'])
     assert double['loss'] == pytest.approx(single['loss'], rel=1e-4)
+
+
+def test_two_process_throughput_with_a_single_validation_image(workspace, tmp_path):
+    """Each process measures the batch asked for, the one image repeated, although one of the
+    two validation shards is empty."""
+    result = run_main_subprocess(
+        ['torch.distributed.run', '--standalone', '--nproc_per_node', '2'],
+        ['--cfg', workspace['cfg'], '--data-path', workspace['data'], '--output', str(tmp_path),
+         '--throughput'])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = last_metrics(str(tmp_path / 'micro_focal' / 'default'))
+    assert (record['batch_size'], record['distinct_images'], record['processes']) == (8, 1, 2)
+
+
+def test_a_process_without_a_training_batch_stops_the_others_at_once(workspace, tmp_path):
+    """Every image of the first training batch of process 1 is unreadable, so process 1 stops
+    with an error while process 0 waits for it in DDP's first forward. Started without a
+    launcher's agent (as srun or a script of one's own starts them), process 0 says which
+    process failed and why, and exits too, within seconds instead of at the process group's
+    30-minute timeout."""
+    data = shutil.copytree(workspace['data'], tmp_path / 'data')
+    samples, _ = folder_samples(str(data / 'train'))
+    sampler = torch.utils.data.DistributedSampler(range(len(samples)), num_replicas=2, rank=1,
+                                                  shuffle=True, seed=0)  # SEED 0, epoch 0
+    for index in list(sampler)[:8]:  # its first batch
+        with open(samples[index][0], 'wb') as f:
+            f.write(b'not an image')
+    port = str(free_port())
+    with tempfile.TemporaryFile('w+') as err_0, tempfile.TemporaryFile('w+') as err_1:
+        processes = [
+            subprocess.Popen(
+                [sys.executable, 'main.py', '--cfg', workspace['cfg'], '--data-path', str(data),
+                 '--output', str(tmp_path / 'out'), '--device', 'cpu'],
+                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                env=dict(launcher_env(), MASTER_ADDR='127.0.0.1', MASTER_PORT=port, WORLD_SIZE='2',
+                         RANK=str(rank), LOCAL_RANK=str(rank)))
+            for rank, err in enumerate((err_0, err_1))]
+        try:
+            returncodes = [process.wait(timeout=180) for process in processes]
+        finally:
+            for process in processes:
+                process.kill()
+        errors = []
+        for err in (err_0, err_1):
+            err.seek(0)
+            errors.append(err.read())
+    assert returncodes == [1, 1], errors
+    assert 'Traceback' not in errors[0] + errors[1], errors
+    last_lines = [err.strip().splitlines()[-1] for err in errors]
+    assert last_lines[1].startswith('error: every image of a training batch is unreadable'), errors
+    assert last_lines[0] == f'error: process 1 of 2 stopped, so process 0 stops too. Its error: ' \
+                            f'{last_lines[1][len("error: "):]}'
+    assert not os.path.exists(tmp_path / 'out' / 'micro_focal' / 'default' / 'ckpt_epoch_0.pth')
 
 
 def test_launched_processes_keep_the_given_pythonpath(monkeypatch, tmp_path):

@@ -9,7 +9,7 @@ from torch import nn
 from config import get_config
 from data.samplers import ShardRandomSampler, ShardSampler
 from engine import NonFiniteGuard, NonFiniteLossError, StepSettings, evaluate, train_one_epoch
-from lr_scheduler import build_scheduler
+from lr_scheduler import build_scheduler, scaled_learning_rates
 from optimizer import build_optimizer
 
 LOGGER = logging.getLogger('test_engine')
@@ -52,8 +52,9 @@ def run_epoch(model, batches, accumulation=1, scaler=None, amp_dtype=None, limit
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = RecordingScheduler()
     guard = NonFiniteGuard(limit, LOGGER)
-    train_one_epoch(model, nn.CrossEntropyLoss(), batches, optimizer, scheduler, scaler, ema, None,
-                    epoch=0, num_epochs=1, steps_per_epoch=len(batches) // accumulation,
+    train_one_epoch(model=model, criterion=nn.CrossEntropyLoss(), loader=batches, optimizer=optimizer,
+                    scheduler=scheduler, scaler=scaler, ema=ema, epoch=0, num_epochs=1,
+                    steps_per_epoch=len(batches) // accumulation,
                     settings=StepSettings(accumulation_steps=accumulation, amp_dtype=amp_dtype),
                     guard=guard, device=torch.device('cpu'), logger=LOGGER)
     return scheduler.updates
@@ -121,7 +122,7 @@ def test_evaluate_counts_top1_top5_and_loss():
 
 def test_weight_decay_skips_norms_biases_and_model_skip_list():
     config = get_config()
-    optimizer = build_optimizer(config, ToyClassifier())
+    optimizer = build_optimizer(config, ToyClassifier(), lr=1e-3)
     decayed, exempt = optimizer.param_groups
     assert decayed['weight_decay'] == 0.05 and exempt['weight_decay'] == 0.0
     assert [p.shape for p in decayed['params']] == [torch.Size([3, 12])]
@@ -134,18 +135,21 @@ def test_cosine_schedule_warms_up_then_decays_per_step(warmup_prefix):
     config.defrost()
     config.TRAIN.EPOCHS, config.TRAIN.WARMUP_EPOCHS = 4, 1
     config.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = warmup_prefix
-    optimizer = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=config.TRAIN.BASE_LR)
-    scheduler = build_scheduler(config, optimizer, steps_per_epoch=10)
+    rates = scaled_learning_rates(config, total_batch=1024)
+    assert (rates.base, rates.warmup, rates.min) == pytest.approx(
+        (2 * config.TRAIN.BASE_LR, 2 * config.TRAIN.WARMUP_LR, 2 * config.TRAIN.MIN_LR))
+    optimizer = build_optimizer(config, nn.Linear(1, 1), lr=rates.base)
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch=10, rates=rates)
     lrs = []
     for step in range(41):
         scheduler.step_update(step)
         lrs.append(optimizer.param_groups[0]['lr'])
-    assert lrs[0] == pytest.approx(config.TRAIN.WARMUP_LR)
+    assert lrs[0] == pytest.approx(rates.warmup)
     assert all(a < b for a, b in zip(lrs[:9], lrs[1:10])), "linear warm-up over the first epoch"
     peak = 1.0 if warmup_prefix else 0.5 * (1 + math.cos(math.pi * 10 / 40))
-    assert lrs[10] == pytest.approx(config.TRAIN.MIN_LR + peak * (config.TRAIN.BASE_LR - config.TRAIN.MIN_LR))
+    assert lrs[10] == pytest.approx(rates.min + peak * (rates.base - rates.min))
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])), "decay afterwards"
-    assert lrs[40] == pytest.approx(config.TRAIN.MIN_LR), "minimum at the last step"
+    assert lrs[40] == pytest.approx(rates.min), "minimum at the last step"
 
 
 @pytest.mark.parametrize('num_samples, world_size', [(31, 2), (10, 3), (2, 4)])

@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ from conftest import REPO_ROOT, error_line, load_checkpoint, run_main, write_mic
 from config import get_config
 from data.build import build_loader, build_transform
 from data.images import ImageDataset
+from engine import EvalResult
 from run_outputs import RunOutputs
 
 
@@ -240,9 +242,9 @@ def test_outputs_are_closed_when_training_stops_on_non_finite_losses(tmp_path, t
             closed.append(self)
             super().close()
 
-    def nan_outputs(model, *args, **kwargs):
-        model.register_forward_hook(lambda module, inputs, output: output * float('nan'))
-        return real_train_one_epoch(model, *args, **kwargs)
+    def nan_outputs(**kwargs):
+        kwargs['model'].register_forward_hook(lambda module, inputs, output: output * float('nan'))
+        return real_train_one_epoch(**kwargs)
 
     real_train_one_epoch = main.train_one_epoch
     monkeypatch.setattr(run_outputs, 'SummaryWriter', RecordingWriter)
@@ -266,10 +268,10 @@ def test_resumed_run_with_two_workers_equals_an_uninterrupted_one(tmp_path, tiny
     assert run_main(args('reference')) == 0
     real_train_one_epoch = main.train_one_epoch
 
-    def interrupt_in_second_epoch(*call_args, **kwargs):
-        if call_args[8] == 1:  # epoch
+    def interrupt_in_second_epoch(**kwargs):
+        if kwargs['epoch'] == 1:
             raise KeyboardInterrupt
-        return real_train_one_epoch(*call_args, **kwargs)
+        return real_train_one_epoch(**kwargs)
 
     monkeypatch.setattr(main, 'train_one_epoch', interrupt_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
@@ -321,3 +323,55 @@ def test_input_size_too_small_for_the_model_says_which_sizes_work(tmp_path, caps
     assert run_main(['--cfg', cfg, '--output', str(tmp_path / 'out')]) == 1
     line = error_line(capsys)
     assert 'DATA.IMG_SIZE 16 is too small' in line and 'inputs need 32 px or more' in line
+
+
+# 8. Run folders that cannot be written ------------------------------------------------------
+
+def test_output_paths_that_cannot_hold_a_run_folder_are_one_error_line(tmp_path, capsys):
+    """A file given as --output, a --tag too long for a file name, and a folder nobody may
+    create folders in (sysfs refuses root too, as a read-only folder refuses a user)."""
+    cfg = write_micro_config(str(tmp_path))
+    a_file = tmp_path / 'notes.txt'
+    a_file.write_text('not a folder')
+    cases = [(['--output', str(a_file)], f'{a_file} is a file, not a folder'),
+             (['--output', str(tmp_path), '--tag', 'x' * 300],
+              'a name in it is 300 bytes long, more than the file system allows')]
+    if os.path.isdir('/sys/kernel'):
+        cases.append((['--output', '/sys/focal_output'], 'permission denied'))
+    for extra, reason in cases:
+        assert run_main(['--cfg', cfg, *extra]) == 1
+        line = error_line(capsys)
+        assert line.startswith('error: cannot create the run folder ') and reason in line, line
+        assert line.endswith('choose another --output or --tag'), line
+
+
+def test_run_folder_that_becomes_unwritable_mid_run_stops_with_one_line(tmp_path, tiny_data,
+                                                                       trained_run, monkeypatch,
+                                                                       capsys):
+    """Resumed for epoch 1, the folder refuses writes once the epoch has started (as a chmod
+    would for a user, or a file system remounted read-only): the epoch's metrics cannot be
+    written, and epoch 0's checkpoint stays intact."""
+    shutil.copytree(os.path.dirname(os.path.dirname(os.path.dirname(trained_run['checkpoint']))),
+                    tmp_path / 'out')
+    real_open = open
+    real_train_one_epoch = main.train_one_epoch
+    run_dir = str(tmp_path / RUN_DIR)
+
+    def refusing_open(path, mode='r', *args, **kwargs):
+        if str(path).startswith(run_dir) and any(flag in mode for flag in 'wax+'):
+            raise PermissionError(errno.EACCES, 'Permission denied', str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    def unwritable_from_epoch_1(**kwargs):
+        if kwargs['epoch'] == 1:
+            monkeypatch.setattr(run_outputs, 'open', refusing_open, raising=False)
+            monkeypatch.setattr(checkpoint, 'open', refusing_open, raising=False)
+        return real_train_one_epoch(**kwargs)
+
+    monkeypatch.setattr(main, 'train_one_epoch', unwritable_from_epoch_1)
+    monkeypatch.setattr(main, 'evaluate', lambda *args, **kwargs: EvalResult(50.0, 50.0, 1.0, 30))
+    assert run_main(run_args(tmp_path, tiny_data, '--epochs', '2')) == 1
+    line = error_line(capsys)
+    assert line.startswith(f"error: cannot write {os.path.join(run_dir, 'metrics.jsonl')}: "
+                           f"permission denied; the files written before are intact"), line
+    assert load_checkpoint(os.path.join(run_dir, 'ckpt_epoch_0.pth'))['epoch'] == 0

@@ -5,10 +5,12 @@ import os
 
 import pytest
 import torch
+import yaml
 
 import main
 from config import get_config
 from conftest import load_checkpoint, run_main, write_micro_config
+from lr_scheduler import scaled_learning_rates
 
 
 def read_metrics(run_dir: str) -> list:
@@ -17,8 +19,12 @@ def read_metrics(run_dir: str) -> list:
 
 
 def test_one_epoch_trains_evaluates_and_writes_run_folder(tmp_path, tiny_data, capsys):
+    """Also: config.yaml and the checkpoints hold one config, as given (BASE_LR per 512 images,
+    MODEL.NUM_CLASSES as written), with the scaled rates and the data's class count recorded
+    beside it as derived, so that a run from either file scales once."""
     cfg = write_micro_config(str(tmp_path))
-    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', str(tmp_path / 'out')]) == 0
+    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', str(tmp_path / 'out'),
+                     '--opts', 'MODEL.NUM_CLASSES', '1000']) == 0
     run_dir = str(tmp_path / 'out' / 'micro_focal' / 'default')
     out = capsys.readouterr().out
     assert ' * Acc@1 ' in out and 'on the 30 test images' in out
@@ -29,13 +35,26 @@ def test_one_epoch_trains_evaluates_and_writes_run_folder(tmp_path, tiny_data, c
     assert metrics['ema_acc1'] is None and metrics['max_acc1'] == metrics['acc1']
 
     checkpoint = load_checkpoint(os.path.join(run_dir, 'ckpt_epoch_0.pth'))
-    assert checkpoint['epoch'] == 0
-    assert set(checkpoint) >= {'model', 'optimizer', 'lr_scheduler', 'scaler', 'ema',
-                               'max_accuracy', 'config'}
+    assert checkpoint['epoch'] == 0 and checkpoint['best_epoch'] == 0
+    assert set(checkpoint) >= {'model', 'optimizer', 'scaler', 'ema', 'max_accuracy', 'config',
+                               'derived', 'classes'}
     assert checkpoint['config']['MODEL']['FOCAL']['EMBED_DIM'] == 16
     assert os.path.exists(os.path.join(run_dir, 'best.pth'))
     saved = get_config(main.parse_args(['--cfg', os.path.join(run_dir, 'config.yaml')]))
     assert saved.MODEL.FOCAL.EMBED_DIM == 16 and saved.DATA.DATA_PATH == tiny_data
+
+    with open(os.path.join(run_dir, 'config.yaml')) as f:
+        config_yaml = f.read()
+    assert yaml.safe_load(config_yaml) == checkpoint['config'], "one config per run"
+    assert checkpoint['config']['TRAIN']['BASE_LR'] == 1e-3
+    assert checkpoint['config']['MODEL']['NUM_CLASSES'] == 1000
+    derived = checkpoint['derived']
+    assert derived['MODEL.NUM_CLASSES'] == 10 and derived['total_batch'] == 8
+    assert derived['TRAIN.BASE_LR'] == pytest.approx(1e-3 * 8 / 512)
+    assert f"#   TRAIN.BASE_LR: {derived['TRAIN.BASE_LR']}" in config_yaml
+    assert checkpoint['optimizer']['param_groups'][0]['initial_lr'] == derived['TRAIN.BASE_LR']
+    assert scaled_learning_rates(saved, derived['total_batch']).base == derived['TRAIN.BASE_LR'], \
+        "a run from the saved config scales once"
     assert glob.glob(os.path.join(run_dir, 'events.out.tfevents.*'))
     assert not glob.glob(os.path.join(run_dir, '*.tmp.*')), "temporary checkpoint left behind"
 
@@ -70,10 +89,10 @@ def test_interrupted_run_resumes_at_next_epoch_with_identical_state(tmp_path, ti
 
     real_train_one_epoch = main.train_one_epoch
 
-    def interrupt_in_second_epoch(*args, **kwargs):
-        if args[8] == 1:  # epoch
+    def interrupt_in_second_epoch(**kwargs):
+        if kwargs['epoch'] == 1:
             raise KeyboardInterrupt
-        return real_train_one_epoch(*args, **kwargs)
+        return real_train_one_epoch(**kwargs)
 
     monkeypatch.setattr(main, 'train_one_epoch', interrupt_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
@@ -92,7 +111,7 @@ def test_interrupted_run_resumes_at_next_epoch_with_identical_state(tmp_path, ti
     resumed = load_checkpoint(os.path.join(resumed_dir, 'ckpt_epoch_1.pth'))
     for name, value in reference['model'].items():
         torch.testing.assert_close(resumed['model'][name], value, msg=name)
-    assert resumed['lr_scheduler'] == reference['lr_scheduler']
+    assert resumed['optimizer']['param_groups'] == reference['optimizer']['param_groups']
     assert resumed['optimizer']['state'][0]['step'] == reference['optimizer']['state'][0]['step']
     for index, state in reference['optimizer']['state'].items():
         torch.testing.assert_close(resumed['optimizer']['state'][index]['exp_avg'], state['exp_avg'])
@@ -187,13 +206,35 @@ def test_pretrained_fine_tunes_at_another_resolution_and_class_count(tmp_path, t
     assert tuned['model']['head.weight'].shape == (5, 128)
 
 
-def test_throughput_prints_and_records_images_per_second(tmp_path, tiny_data, capsys):
+def test_throughput_measures_and_records_the_batch_size_asked_for(tmp_path, tiny_data,
+                                                                  monkeypatch, capsys):
+    """--batch-size 8 on a val/ of 3 images: the batch measured is 8 images (the 3 repeated),
+    and that is what the record says; --throughput keeps its own config record."""
+    one_class = tmp_path / 'one_class'
+    for split in ('train', 'val'):
+        (one_class / split).mkdir(parents=True)
+        os.symlink(os.path.join(tiny_data, split, 'circle'), one_class / split / 'circle')
+    measured = []
+    real_measure = main.measure_throughput
+
+    def recording_measure(model, images, *args, **kwargs):
+        measured.append(images.shape[0])
+        return real_measure(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(main, 'measure_throughput', recording_measure)
     cfg = write_micro_config(str(tmp_path))
     output = str(tmp_path / 'out')
-    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', output, '--throughput']) == 0
-    assert 'throughput ' in capsys.readouterr().out
-    [record] = read_metrics(os.path.join(output, 'micro_focal', 'default'))
+    assert run_main(['--cfg', cfg, '--data-path', str(one_class), '--output', output,
+                     '--throughput', '--batch-size', '8']) == 0
+    out = capsys.readouterr().out
+    assert 'the batch of 8 repeats the 3 validation images there are' in out
+    assert 'batch_size 8 throughput ' in out
+    run_dir = os.path.join(output, 'micro_focal', 'default')
+    [record] = read_metrics(run_dir)
+    assert measured == [8] and record['batch_size'] == 8 and record['distinct_images'] == 3
     assert record['throughput'] > 0
+    assert os.path.exists(os.path.join(run_dir, 'throughput_config.yaml'))
+    assert not os.path.exists(os.path.join(run_dir, 'config.yaml'))
 
 
 def test_zip_dataset_with_partial_cache_trains_and_counts_every_val_image(tmp_path, tiny_data):
