@@ -11,7 +11,7 @@ from config import get_config, validate_config
 from conftest import REPO_ROOT, SHIPPED_CONFIGS
 from data.build import build_loader
 from engine import NonFiniteGuard, StepSettings, train_one_epoch
-from lr_scheduler import build_scheduler
+from lr_scheduler import build_scheduler, scaled_learning_rates
 from models import build_model
 from optimizer import build_optimizer
 
@@ -50,18 +50,20 @@ def scaled_down(path: str, data_path: str):
 def test_config_builds_its_model_and_takes_a_training_step(path, tiny_data):
     config = scaled_down(f'{REPO_ROOT}/{path}', tiny_data)
     loaders = build_loader(config)
-    config.MODEL.NUM_CLASSES = loaders.num_classes  # as main.set_up does
     torch.manual_seed(0)
-    model = build_model(config)
-    optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(config, optimizer, steps_per_epoch=1)
+    model = build_model(main.with_num_classes(config, loaders.num_classes))  # as main.set_up does
+    rates = scaled_learning_rates(config, total_batch=config.DATA.BATCH_SIZE)
+    optimizer = build_optimizer(config, model, rates.base)
+    scheduler = build_scheduler(config, optimizer, 1, rates)
     criterion = main.build_criterion(config, loaders.mixup_fn is not None)
     before = [parameter.detach().clone() for parameter in model.parameters()]
     loaders.set_epoch(0)
-    loss = train_one_epoch(model, criterion, loaders.loader_train, optimizer, scheduler, None, None,
-                           loaders.mixup_fn, 0, config.TRAIN.EPOCHS, 1, StepSettings(clip_grad=config.TRAIN.CLIP_GRAD),
-                           NonFiniteGuard(1, logging.getLogger('test')), torch.device('cpu'),
-                           logging.getLogger('test'))
+    logger = logging.getLogger('test')
+    loss = train_one_epoch(model=model, criterion=criterion, loader=loaders.loader_train, optimizer=optimizer,
+                           scheduler=scheduler, scaler=None, ema=None, mixup_fn=loaders.mixup_fn, epoch=0,
+                           num_epochs=config.TRAIN.EPOCHS, steps_per_epoch=1,
+                           settings=StepSettings(clip_grad=config.TRAIN.CLIP_GRAD),
+                           guard=NonFiniteGuard(1, logger), device=torch.device('cpu'), logger=logger)
     assert torch.isfinite(torch.tensor(loss))
     assert any(not torch.equal(old, new) for old, new in zip(before, model.parameters())), \
         f"{path}: the training step changed no weight"
