@@ -112,8 +112,8 @@ def test_an_interpreter_that_stores_nothing_is_reported_and_not_used(monkeypatch
 
 @runs_fused_kernel
 def test_a_planted_kernel_bug_is_caught(monkeypatch):
-    """The comparison above fails when the kernel leaves out one mask term (pooled neighbours
-    outside the map stop being masked)."""
+    """The comparison above fails when the kernel leaves out one mask term (tokens of a shifted
+    window stop being masked from other image regions)."""
     geometry_args, height, width, num_heads, head_dim, batch = GEOMETRIES['two levels, shifted']
     torch.manual_seed(0)
     inputs = attention_inputs(geometry_args, height, width, num_heads, head_dim, batch, torch.float32)

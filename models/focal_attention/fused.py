@@ -109,9 +109,9 @@ def fused_focal_attention(qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor], 
     if pooled_kv is not None:
         pooled_kv = pooled_kv.to(qkv.dtype).contiguous()
     out, _ = torch.ops.focal_attention.fused_forward(
-        qkv.contiguous(), pooled_kv, position_bias.float().contiguous(), layout.key_index, layout.regions,
-        fine_users.offsets, fine_users.slots, pooled_users.offsets, pooled_users.slots,
-        num_heads, layout.num_attended, layout.zero_token, scale)
+        qkv.contiguous(), pooled_kv, position_bias.float().contiguous(), layout.key_index, layout.key_mask,
+        layout.regions, fine_users.offsets, fine_users.slots, pooled_users.offsets, pooled_users.slots,
+        num_heads, layout.zero_token, scale)
     return out
 
 
@@ -145,12 +145,12 @@ def _shape_args(qkv: torch.Tensor, key_index: torch.Tensor, num_heads: int) -> T
 
 @torch.library.custom_op('focal_attention::fused_forward', mutates_args=())
 def fused_forward(qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor], position_bias: torch.Tensor,
-                  key_index: torch.Tensor, regions: Optional[torch.Tensor], fine_offsets: torch.Tensor,
-                  fine_slots: torch.Tensor, pooled_offsets: torch.Tensor, pooled_slots: torch.Tensor,
-                  num_heads: int, num_attended: int, zero_token: int, scale: float
+                  key_index: torch.Tensor, key_mask: torch.Tensor, regions: Optional[torch.Tensor],
+                  fine_offsets: torch.Tensor, fine_slots: torch.Tensor, pooled_offsets: torch.Tensor,
+                  pooled_slots: torch.Tensor, num_heads: int, zero_token: int, scale: float
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """qkv (B, T, 3C), pooled_kv (B, P, 2C), position_bias (nh, ws^2, S) fp32, key_index (nW, S),
-    regions (nW, ws^2). Returns out (B, T, C) and the base-2 log-sum-exp of each query's scores
+    """qkv (B, T, 3C), pooled_kv (B, P, 2C), position_bias (nh, ws^2, S) fp32, key_index and
+    key_mask (nW, S), regions (nW, ws^2). Returns out (B, T, C) and the base-2 log-sum-exp of each query's scores
     (B, T, nh) fp32, for backward. The key users (inverse maps) are inputs only so that backward finds them."""
     B, T, C, head_dim, num_windows, num_keys = _shape_args(qkv, key_index, num_heads)
     area = position_bias.shape[1]
@@ -158,17 +158,17 @@ def fused_forward(qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor], position
     lse = qkv.new_empty(B, T, num_heads, dtype=torch.float32)
     pooled = pooled_kv if pooled_kv is not None else qkv
     triton_kernels.focal_attention_forward_kernel[(B * num_windows, num_heads)](
-        qkv, pooled, position_bias * triton_kernels.LOG2E, key_index, regions if regions is not None else key_index,
-        out, lse, num_windows, T, zero_token, scale,
-        AREA=area, NUM_KEYS=num_keys, NUM_ATTENDED=num_attended, HAS_POOLED=pooled_kv is not None,
+        qkv, pooled, position_bias * triton_kernels.LOG2E, key_index, key_mask,
+        regions if regions is not None else key_index, out, lse, num_windows, T, zero_token, scale,
+        AREA=area, NUM_KEYS=num_keys, HAS_POOLED=pooled_kv is not None,
         HAS_REGIONS=regions is not None, ALIGNED=_rows_aligned(qkv, pooled, head_dim),
         **_launch_config(qkv, area, num_keys, num_heads))
     return out, lse
 
 
 @fused_forward.register_fake
-def _(qkv, pooled_kv, position_bias, key_index, regions, fine_offsets, fine_slots, pooled_offsets, pooled_slots,
-      num_heads, num_attended, zero_token, scale):
+def _(qkv, pooled_kv, position_bias, key_index, key_mask, regions, fine_offsets, fine_slots, pooled_offsets,
+      pooled_slots, num_heads, zero_token, scale):
     B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
     return qkv.new_empty(B, T, C), qkv.new_empty(B, T, num_heads, dtype=torch.float32)
 
@@ -190,10 +190,10 @@ def _windows_per_program(qkv: torch.Tensor, total_windows: int, num_heads: int) 
 
 @torch.library.custom_op('focal_attention::fused_backward', mutates_args=())
 def fused_backward(grad_out: torch.Tensor, qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor],
-                   position_bias: torch.Tensor, key_index: torch.Tensor, regions: Optional[torch.Tensor],
-                   fine_offsets: torch.Tensor, fine_slots: torch.Tensor, pooled_offsets: torch.Tensor,
-                   pooled_slots: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
-                   num_attended: int, zero_token: int, scale: float
+                   position_bias: torch.Tensor, key_index: torch.Tensor, key_mask: torch.Tensor,
+                   regions: Optional[torch.Tensor], fine_offsets: torch.Tensor, fine_slots: torch.Tensor,
+                   pooled_offsets: torch.Tensor, pooled_slots: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                   num_heads: int, zero_token: int, scale: float
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of qkv (B, T, 3C), pooled_kv (B, P, 2C; empty without pooled tokens) and
     position_bias (nh, ws^2, S) fp32."""
@@ -206,14 +206,15 @@ def fused_backward(grad_out: torch.Tensor, qkv: torch.Tensor, pooled_kv: Optiona
     programs = math.ceil(total_windows / windows_per_program)
     grad_qkv = torch.empty_like(qkv)
     grad_q_scratch = qkv.new_empty(B, T, C if multi_block else 0, dtype=torch.float32)
+    delta = qkv.new_empty(B, T, num_heads if multi_block else 0, dtype=torch.float32)
     grad_slots = qkv.new_empty(total_windows * num_keys, 2 * C)
     grad_bias = qkv.new_empty(programs, num_heads, area, num_keys, dtype=torch.float32)
     pooled = pooled_kv if pooled_kv is not None else qkv
     triton_kernels.focal_attention_backward_kernel[(programs, num_heads)](
-        qkv, pooled, position_bias * triton_kernels.LOG2E, key_index, regions if regions is not None else key_index,
-        out, grad_out, lse, grad_qkv, grad_q_scratch, grad_slots, grad_bias,
-        num_windows, total_windows, T, zero_token, scale,
-        AREA=area, NUM_KEYS=num_keys, NUM_ATTENDED=num_attended, HAS_POOLED=pooled_kv is not None,
+        qkv, pooled, position_bias * triton_kernels.LOG2E, key_index, key_mask,
+        regions if regions is not None else key_index, out, grad_out, lse, delta, grad_qkv, grad_q_scratch,
+        grad_slots, grad_bias, num_windows, total_windows, T, zero_token, scale,
+        AREA=area, NUM_KEYS=num_keys, HAS_POOLED=pooled_kv is not None,
         HAS_REGIONS=regions is not None, ALIGNED=_rows_aligned(qkv, pooled, head_dim),
         WINDOWS_PER_PROGRAM=windows_per_program, **config)
 
@@ -233,27 +234,27 @@ def fused_backward(grad_out: torch.Tensor, qkv: torch.Tensor, pooled_kv: Optiona
 
 
 @fused_backward.register_fake
-def _(grad_out, qkv, pooled_kv, position_bias, key_index, regions, fine_offsets, fine_slots, pooled_offsets,
-      pooled_slots, out, lse, num_heads, num_attended, zero_token, scale):
+def _(grad_out, qkv, pooled_kv, position_bias, key_index, key_mask, regions, fine_offsets, fine_slots,
+      pooled_offsets, pooled_slots, out, lse, num_heads, zero_token, scale):
     grad_pooled = torch.empty_like(pooled_kv) if pooled_kv is not None else qkv.new_empty(0)
     return torch.empty_like(qkv), grad_pooled, torch.empty_like(position_bias, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    (qkv, pooled_kv, position_bias, key_index, regions, fine_offsets, fine_slots, pooled_offsets, pooled_slots,
-     num_heads, num_attended, zero_token, scale) = inputs
+    (qkv, pooled_kv, position_bias, key_index, key_mask, regions, fine_offsets, fine_slots, pooled_offsets,
+     pooled_slots, num_heads, zero_token, scale) = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, pooled_kv, position_bias, key_index, regions, fine_offsets, fine_slots,
+    ctx.save_for_backward(qkv, pooled_kv, position_bias, key_index, key_mask, regions, fine_offsets, fine_slots,
                           pooled_offsets, pooled_slots, out, lse)
-    ctx.scalars = (num_heads, num_attended, zero_token, scale)
+    ctx.scalars = (num_heads, zero_token, scale)
     ctx.has_pooled = pooled_kv is not None
 
 
 def _backward(ctx, grad_out, grad_lse):
-    qkv, pooled_kv, position_bias, key_index, regions, fo, fs, po, ps, out, lse = ctx.saved_tensors
+    qkv, pooled_kv, position_bias, key_index, key_mask, regions, fo, fs, po, ps, out, lse = ctx.saved_tensors
     grad_qkv, grad_pooled, grad_bias = torch.ops.focal_attention.fused_backward(
-        grad_out.to(qkv.dtype).contiguous(), qkv, pooled_kv, position_bias, key_index, regions, fo, fs, po, ps,
-        out, lse, *ctx.scalars)
+        grad_out.to(qkv.dtype).contiguous(), qkv, pooled_kv, position_bias, key_index, key_mask, regions, fo, fs, po,
+        ps, out, lse, *ctx.scalars)
     return (grad_qkv, grad_pooled if ctx.has_pooled else None, grad_bias) + (None,) * 10
 
 

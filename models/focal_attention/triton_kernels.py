@@ -3,8 +3,8 @@
 One program owns one window's queries of one head. Keys and values are read in place through the
 layout's key index, from the fine map (the k and v thirds of `qkv`) or from the pooled tokens, so no
 gathered copy exists; positional terms come from the (heads, ws^2, S) position bias shared by all
-windows, and masks from the key index (zero token: -100, alignment slots: -inf) and the windows'
-shift-region labels. Scores are kept in log2 units: queries are pre-scaled by scale * log2(e), the
+windows, and masks from the layout's per-slot key mask (-100 for pooled neighbours outside the map,
+-inf for alignment slots) and the windows' shift-region labels. Scores are kept in log2 units: queries are pre-scaled by scale * log2(e), the
 position bias comes pre-scaled by log2(e) and is the dot's accumulator, softmax uses exp2, and the
 saved log-sum-exp is base 2.
 
@@ -13,7 +13,8 @@ Backward never adds floats atomically, so it is deterministic:
     summing the position-bias gradient of that block over its windows in registers and writing one
     partial per program (summed afterwards). With several blocks, a window's query gradient is
     summed over them in an fp32 scratch that only its program touches;
-  * rowsum(dO * O) comes from the loads of dO and O in the same kernel, not from a separate pass;
+  * rowsum(dO * O) comes from the loads of dO and O in the same kernel (at the first key block,
+    kept for the others in a small scratch), not from a separate pass;
   * key and value gradients of a window's own slots (its first ws^2 keys are its tokens, and a token
     is an own key of one window only) are written in place; the others are written per key slot,
     then added per source token in a fixed order by `sum_slot_gradients`, through the inverse of
@@ -62,14 +63,14 @@ def _load_queries(qkv_base, key_index_base, rows, row_ok, dims, scale, HEAD_DIM:
 
 
 @triton.jit
-def _key_block_scores(q_scaled, q_region, qkv_base, pooled_base, bias_tile, key_index_base, regions_base,
-                      slots, dims, num_fine, zero_token, AREA: tl.constexpr, NUM_KEYS: tl.constexpr,
-                      NUM_ATTENDED: tl.constexpr, CHANNELS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      HAS_POOLED: tl.constexpr, ALIGNED: tl.constexpr, REGION_MASK: tl.constexpr,
-                      PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _key_block_scores(q_scaled, q_region, qkv_base, pooled_base, bias_tile, key_index_base, key_mask_base,
+                      regions_base, slots, dims, num_fine, zero_token, AREA: tl.constexpr, NUM_KEYS: tl.constexpr,
+                      CHANNELS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_POOLED: tl.constexpr,
+                      ALIGNED: tl.constexpr, REGION_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                      UPCAST: tl.constexpr):
     """Scores (BLOCK_M, BLOCK_N) in log2 units of key slots `slots` of one window and head, with
-    their keys, values and source indices. Masks are built per slot, then added once.
-    ALIGNED: key/value rows of both sources start on 16 bytes. REGION_MASK: the block holds
+    their keys, values and source indices. The window's key mask (one value per slot) is added
+    once. ALIGNED: key/value rows of both sources start on 16 bytes. REGION_MASK: the block holds
     own-window slots of a shifted window."""
     slot_ok = slots < NUM_KEYS
     # not other=zero_token: Triton 3.0-3.2 fail to pipeline a masked load whose fill is a run-time value
@@ -87,8 +88,8 @@ def _key_block_scores(q_scaled, q_region, qkv_base, pooled_base, bias_tile, key_
     k = tl.load(key_rows[:, None] + dims[None, :], mask=mask, other=0.)
     v = tl.load(key_rows[:, None] + CHANNELS + dims[None, :], mask=mask, other=0.)
 
-    key_bias = tl.where(slots < NUM_ATTENDED, tl.where(index == zero_token, MASKED_LOG2, 0.), float('-inf'))
-    s = _dot(q_scaled, tl.trans(k), bias_tile, PRECISION, UPCAST) + key_bias[None, :]
+    key_mask = tl.load(key_mask_base + slots, mask=slot_ok, other=float('-inf')) * SCORE_LOG2E
+    s = _dot(q_scaled, tl.trans(k), bias_tile, PRECISION, UPCAST) + key_mask[None, :]
     if REGION_MASK:
         k_region = tl.load(regions_base + slots, mask=slots < AREA, other=-1)
         crossing = (k_region[None, :] >= 0) & (k_region[None, :] != q_region[:, None])
@@ -105,15 +106,15 @@ def _load_bias(bias_base, rows, row_ok, slots, NUM_KEYS: tl.constexpr):
 
 @triton.jit
 def _forward_block(m_i, l_i, acc, q_scaled, q_region, qkv_base, pooled_base, bias_base, key_index_base,
-                   regions_base, start, rows, row_ok, dims, num_fine, zero_token, AREA: tl.constexpr,
-                   NUM_KEYS: tl.constexpr, NUM_ATTENDED: tl.constexpr, CHANNELS: tl.constexpr,
+                   key_mask_base, regions_base, start, rows, row_ok, dims, num_fine, zero_token, AREA: tl.constexpr,
+                   NUM_KEYS: tl.constexpr, CHANNELS: tl.constexpr,
                    HEAD_DIM: tl.constexpr, HAS_POOLED: tl.constexpr, ALIGNED: tl.constexpr,
                    REGION_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
     """One step of the online softmax over key slots [start, start + BLOCK_N)."""
     slots = start + tl.arange(0, BLOCK_N)
     s, k, v, index, present = _key_block_scores(
         q_scaled, q_region, qkv_base, pooled_base, _load_bias(bias_base, rows, row_ok, slots, NUM_KEYS),
-        key_index_base, regions_base, slots, dims, num_fine, zero_token, AREA, NUM_KEYS, NUM_ATTENDED, CHANNELS,
+        key_index_base, key_mask_base, regions_base, slots, dims, num_fine, zero_token, AREA, NUM_KEYS, CHANNELS,
         HEAD_DIM, HAS_POOLED, ALIGNED, REGION_MASK, PRECISION, UPCAST)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -125,13 +126,14 @@ def _forward_block(m_i, l_i, acc, q_scaled, q_region, qkv_base, pooled_base, bia
 
 @triton.jit
 def focal_attention_forward_kernel(
-        qkv_ptr, pooled_ptr, bias_ptr, key_index_ptr, regions_ptr, out_ptr, lse_ptr,
+        qkv_ptr, pooled_ptr, bias_ptr, key_index_ptr, key_mask_ptr, regions_ptr, out_ptr, lse_ptr,
         num_windows, num_fine, zero_token, scale,
-        AREA: tl.constexpr, NUM_KEYS: tl.constexpr, NUM_ATTENDED: tl.constexpr, CHANNELS: tl.constexpr,
+        AREA: tl.constexpr, NUM_KEYS: tl.constexpr, CHANNELS: tl.constexpr,
         HEAD_DIM: tl.constexpr, HAS_POOLED: tl.constexpr, HAS_REGIONS: tl.constexpr, ALIGNED: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr):
-    """Grid (B * nW, nh). bias (nh, ws^2, S) in log2 units; lse written in log2 units."""
+    """Grid (B * nW, nh). bias (nh, ws^2, S) in log2 units, key_mask (nW, S) the layout's additive mask
+    per key slot; lse written in log2 units."""
     window = tl.program_id(0)
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
@@ -141,6 +143,7 @@ def focal_attention_forward_kernel(
     row_ok = rows < AREA
     dims = tl.arange(0, BLOCK_D)
     key_index_base = key_index_ptr + w * NUM_KEYS
+    key_mask_base = key_mask_ptr + w * NUM_KEYS
     regions_base = regions_ptr + w * AREA
     qkv_base = qkv_ptr + batch * num_fine * (3 * CHANNELS) + head * HEAD_DIM
     pooled_base = pooled_ptr + batch * (zero_token - num_fine) * (2 * CHANNELS) + head * HEAD_DIM
@@ -156,13 +159,13 @@ def focal_attention_forward_kernel(
     own_end: tl.constexpr = (AREA + BLOCK_N - 1) // BLOCK_N * BLOCK_N if HAS_REGIONS else 0
     for start in range(0, own_end, BLOCK_N):
         m_i, l_i, acc = _forward_block(
-            m_i, l_i, acc, q_scaled, q_region, qkv_base, pooled_base, bias_base, key_index_base, regions_base,
-            start, rows, row_ok, dims, num_fine, zero_token, AREA, NUM_KEYS, NUM_ATTENDED, CHANNELS, HEAD_DIM,
+            m_i, l_i, acc, q_scaled, q_region, qkv_base, pooled_base, bias_base, key_index_base, key_mask_base,
+            regions_base, start, rows, row_ok, dims, num_fine, zero_token, AREA, NUM_KEYS, CHANNELS, HEAD_DIM,
             HAS_POOLED, ALIGNED, True, PRECISION, UPCAST, BLOCK_N)
     for start in range(own_end, NUM_KEYS, BLOCK_N):
         m_i, l_i, acc = _forward_block(
-            m_i, l_i, acc, q_scaled, q_region, qkv_base, pooled_base, bias_base, key_index_base, regions_base,
-            start, rows, row_ok, dims, num_fine, zero_token, AREA, NUM_KEYS, NUM_ATTENDED, CHANNELS, HEAD_DIM,
+            m_i, l_i, acc, q_scaled, q_region, qkv_base, pooled_base, bias_base, key_index_base, key_mask_base,
+            regions_base, start, rows, row_ok, dims, num_fine, zero_token, AREA, NUM_KEYS, CHANNELS, HEAD_DIM,
             HAS_POOLED, ALIGNED, False, PRECISION, UPCAST, BLOCK_N)
 
     token_rows = batch * num_fine + tokens
@@ -174,20 +177,22 @@ def focal_attention_forward_kernel(
 
 @triton.jit
 def _backward_window(grad_bias, batch, w, block, head, num_heads, qkv_ptr, pooled_ptr, bias_base, key_index_ptr,
-                     regions_ptr, out_ptr, grad_out_ptr, lse_ptr, grad_qkv_ptr, grad_q_scratch_ptr, grad_slots_ptr,
-                     num_windows, num_fine, zero_token, scale, rows, row_ok, dims, AREA: tl.constexpr,
-                     NUM_KEYS: tl.constexpr, NUM_ATTENDED: tl.constexpr, CHANNELS: tl.constexpr,
+                     key_mask_ptr, regions_ptr, out_ptr, grad_out_ptr, lse_ptr, delta_ptr, grad_qkv_ptr,
+                     grad_q_scratch_ptr, grad_slots_ptr, num_windows, num_fine, zero_token, scale, rows, row_ok, dims, AREA: tl.constexpr,
+                     NUM_KEYS: tl.constexpr, CHANNELS: tl.constexpr,
                      HEAD_DIM: tl.constexpr, HAS_POOLED: tl.constexpr, HAS_REGIONS: tl.constexpr,
                      ALIGNED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     """Key block `block` of window w of image `batch`, one head: writes the key/value gradients of its
     slots and the query gradient (or its partial sum, with several blocks); returns grad_bias plus
-    this block's position-bias gradient."""
+    this block's position-bias gradient. rowsum(dO * O) is computed at the first block and, with
+    several, kept for the others in delta (B, T, nh) fp32."""
     num_blocks: tl.constexpr = (NUM_KEYS + BLOCK_N - 1) // BLOCK_N
     slots = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_dim_ok = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
     head_dims = head * HEAD_DIM + dims[None, :]
     key_index_base = key_index_ptr + w * NUM_KEYS
+    key_mask_base = key_mask_ptr + w * NUM_KEYS
     regions_base = regions_ptr + w * AREA
     qkv_base = qkv_ptr + batch * num_fine * (3 * CHANNELS) + head * HEAD_DIM
     pooled_base = pooled_ptr + batch * (zero_token - num_fine) * (2 * CHANNELS) + head * HEAD_DIM
@@ -196,14 +201,19 @@ def _backward_window(grad_bias, batch, w, block, head, num_heads, qkv_ptr, poole
     q_region = tl.load(regions_base + rows, mask=row_ok, other=-1) if HAS_REGIONS else rows
     token_rows = batch * num_fine + tokens
     grad_out = tl.load(grad_out_ptr + token_rows[:, None] * CHANNELS + head_dims, mask=row_dim_ok, other=0.)
-    out = tl.load(out_ptr + token_rows[:, None] * CHANNELS + head_dims, mask=row_dim_ok, other=0.)
-    delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), 1)
+    if block == 0:
+        out = tl.load(out_ptr + token_rows[:, None] * CHANNELS + head_dims, mask=row_dim_ok, other=0.)
+        delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), 1)
+        if num_blocks > 1:
+            tl.store(delta_ptr + token_rows * num_heads + head, delta, mask=row_ok)
+    else:  # the first block's
+        delta = tl.load(delta_ptr + token_rows * num_heads + head, mask=row_ok, other=0.)
     # padded query rows get an infinite log-sum-exp: their probabilities are 0
     lse = tl.load(lse_ptr + token_rows * num_heads + head, mask=row_ok, other=float('inf'))
 
     s, k, v, index, present = _key_block_scores(
         q_scaled, q_region, qkv_base, pooled_base, _load_bias(bias_base, rows, row_ok, slots, NUM_KEYS),
-        key_index_base, regions_base, slots, dims, num_fine, zero_token, AREA, NUM_KEYS, NUM_ATTENDED, CHANNELS,
+        key_index_base, key_mask_base, regions_base, slots, dims, num_fine, zero_token, AREA, NUM_KEYS, CHANNELS,
         HEAD_DIM, HAS_POOLED, ALIGNED, HAS_REGIONS, PRECISION, UPCAST)
     p = tl.exp2(s - lse[:, None])
     grad_v = _dot(tl.trans(p.to(grad_out.dtype)), grad_out, tl.zeros([BLOCK_N, BLOCK_D], tl.float32), PRECISION,
@@ -244,10 +254,10 @@ def _backward_window(grad_bias, batch, w, block, head, num_heads, qkv_ptr, poole
 
 @triton.jit
 def focal_attention_backward_kernel(
-        qkv_ptr, pooled_ptr, bias_ptr, key_index_ptr, regions_ptr, out_ptr, grad_out_ptr, lse_ptr,
-        grad_qkv_ptr, grad_q_scratch_ptr, grad_slots_ptr, grad_bias_ptr,
+        qkv_ptr, pooled_ptr, bias_ptr, key_index_ptr, key_mask_ptr, regions_ptr, out_ptr, grad_out_ptr, lse_ptr,
+        delta_ptr, grad_qkv_ptr, grad_q_scratch_ptr, grad_slots_ptr, grad_bias_ptr,
         num_windows, total_windows, num_fine, zero_token, scale,
-        AREA: tl.constexpr, NUM_KEYS: tl.constexpr, NUM_ATTENDED: tl.constexpr, CHANNELS: tl.constexpr,
+        AREA: tl.constexpr, NUM_KEYS: tl.constexpr, CHANNELS: tl.constexpr,
         HEAD_DIM: tl.constexpr, HAS_POOLED: tl.constexpr, HAS_REGIONS: tl.constexpr, ALIGNED: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, WINDOWS_PER_PROGRAM: tl.constexpr):
@@ -270,15 +280,16 @@ def focal_attention_backward_kernel(
             if window < total_windows:
                 grad_bias = _backward_window(
                     grad_bias, (window // num_windows).to(tl.int64), window % num_windows, block, head, num_heads,
-                    qkv_ptr, pooled_ptr, bias_base, key_index_ptr, regions_ptr, out_ptr, grad_out_ptr, lse_ptr,
-                    grad_qkv_ptr, grad_q_scratch_ptr, grad_slots_ptr, num_windows, num_fine, zero_token, scale, rows,
-                    row_ok, tl.arange(0, BLOCK_D), AREA, NUM_KEYS, NUM_ATTENDED, CHANNELS, HEAD_DIM, HAS_POOLED,
+                    qkv_ptr, pooled_ptr, bias_base, key_index_ptr, key_mask_ptr, regions_ptr, out_ptr, grad_out_ptr,
+                    lse_ptr, delta_ptr, grad_qkv_ptr, grad_q_scratch_ptr, grad_slots_ptr, num_windows, num_fine,
+                    zero_token, scale,
+                    rows, row_ok, tl.arange(0, BLOCK_D), AREA, NUM_KEYS, CHANNELS, HEAD_DIM, HAS_POOLED,
                     HAS_REGIONS, ALIGNED, PRECISION, UPCAST, BLOCK_N, BLOCK_D)
         slots = block * BLOCK_N + tl.arange(0, BLOCK_N)
         partial = grad_bias_ptr + ((program * num_heads + head) * AREA + rows[:, None]) * NUM_KEYS + slots[None, :]
         tl.store(partial, grad_bias, mask=row_ok[:, None] & (slots < NUM_KEYS)[None, :])
         if NUM_KEYS > BLOCK_N:
-            tl.debug_barrier()  # the next block reads the query-gradient scratch other threads wrote
+            tl.debug_barrier()  # the next block reads the scratches other threads wrote
 
 
 @triton.jit
