@@ -199,7 +199,9 @@ def fused_backward(grad_out: torch.Tensor, qkv: torch.Tensor, pooled_kv: Optiona
     position_bias (nh, ws^2, S) fp32."""
     B, T, C, head_dim, num_windows, num_keys = _shape_args(qkv, key_index, num_heads)
     area = position_bias.shape[1]
-    config = _launch_config(qkv, area, num_keys, num_heads)
+    # Not software-pipelined: two stages spill registers on sm_80, and Triton 3.0 and 3.2 fail to
+    # pipeline this loop (docs/benchmarks.md); two programs per multiprocessor overlap their loads.
+    config = dict(_launch_config(qkv, area, num_keys, num_heads), num_stages=1)
     total_windows = B * num_windows
     multi_block = num_keys > config['BLOCK_N']
     windows_per_program = _windows_per_program(qkv, total_windows, num_heads)
