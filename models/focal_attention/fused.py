@@ -119,14 +119,20 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _launch_config(qkv: torch.Tensor, area: int, num_keys: int, num_heads: int) -> dict:
+def _launch_config(qkv: torch.Tensor, area: int, num_keys: int, num_heads: int, backward: bool = False) -> dict:
     """Block sizes, warps and dot precision for one call (queries of a window form one block)."""
     head_dim = qkv.shape[-1] // 3 // num_heads
     block_m = max(16, _next_power_of_2(area))
+    if block_m <= 64:
+        block_n = 64
+    elif backward and qkv.element_size() == 4:
+        block_n = 16  # with 32 the fp32 backward needs 164 KB of shared memory; an sm_80 block may have 163 KB
+    else:
+        block_n = 32
+    block_n = min(block_n, max(16, _next_power_of_2(num_keys)))
     upcast = not qkv.is_cuda and qkv.dtype != torch.float32  # the interpreter's 16-bit dot is wrong
     tf32 = qkv.is_cuda and (qkv.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32)
-    return dict(CHANNELS=qkv.shape[-1] // 3, HEAD_DIM=head_dim, BLOCK_M=block_m,
-                BLOCK_N=min(64 if block_m <= 64 else 32, max(16, _next_power_of_2(num_keys))),
+    return dict(CHANNELS=qkv.shape[-1] // 3, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
                 BLOCK_D=max(16, _next_power_of_2(head_dim)), PRECISION='tf32' if tf32 else 'ieee', UPCAST=upcast,
                 num_warps=4 if block_m <= 64 else 8)
 
@@ -201,7 +207,7 @@ def fused_backward(grad_out: torch.Tensor, qkv: torch.Tensor, pooled_kv: Optiona
     area = position_bias.shape[1]
     # Not software-pipelined: two stages spill registers on sm_80, and Triton 3.0 and 3.2 fail to
     # pipeline this loop (docs/benchmarks.md); two programs per multiprocessor overlap their loads.
-    config = dict(_launch_config(qkv, area, num_keys, num_heads), num_stages=1)
+    config = dict(_launch_config(qkv, area, num_keys, num_heads, backward=True), num_stages=1)
     total_windows = B * num_windows
     multi_block = num_keys > config['BLOCK_N']
     windows_per_program = _windows_per_program(qkv, total_windows, num_heads)
