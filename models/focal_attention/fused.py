@@ -226,18 +226,17 @@ def fused_backward(grad_out: torch.Tensor, qkv: torch.Tensor, pooled_kv: Optiona
         HAS_REGIONS=regions is not None, ALIGNED=_rows_aligned(qkv, pooled, head_dim),
         WINDOWS_PER_PROGRAM=windows_per_program, **config)
 
-    def sum_slots(offsets: torch.Tensor, slots: torch.Tensor, target: torch.Tensor, own: bool) -> None:
+    def sum_slots(offsets: torch.Tensor, slots: torch.Tensor, target: torch.Tensor) -> None:
         block_c = _next_power_of_2(2 * C)
         block_t = max(1, SUM_TILE // block_c)
         triton_kernels.sum_slot_gradients_kernel[(math.ceil(target.shape[1] / block_t), B)](
             grad_slots, offsets, slots, target, target.stride(0), target.stride(1), target.shape[1],
-            num_windows * num_keys, 2 * C, NUM_KEYS=num_keys, AREA=area, OWN=own, BLOCK_T=block_t, BLOCK_C=block_c,
-            num_warps=4)
+            num_windows * num_keys, 2 * C, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)
 
-    sum_slots(fine_offsets, fine_slots, grad_qkv[:, :, C:], own=True)
+    sum_slots(fine_offsets, fine_slots, grad_qkv[:, :, C:])
     grad_pooled = torch.empty_like(pooled_kv) if pooled_kv is not None else qkv.new_empty(0)
     if pooled_kv is not None and grad_pooled.shape[1]:
-        sum_slots(pooled_offsets, pooled_slots, grad_pooled, own=False)
+        sum_slots(pooled_offsets, pooled_slots, grad_pooled)
     return grad_qkv, grad_pooled, grad_bias.sum(0)
 
 

@@ -15,10 +15,8 @@ Backward never adds floats atomically, so it is deterministic:
     summed over them in an fp32 scratch that only its program touches;
   * rowsum(dO * O) comes from the loads of dO and O in the same kernel (at the first key block,
     kept for the others in a small scratch), not from a separate pass;
-  * key and value gradients of a window's own slots (its first ws^2 keys are its tokens, and a token
-    is an own key of one window only) are written in place; the others are written per key slot,
-    then added per source token in a fixed order by `sum_slot_gradients`, through the inverse of
-    the key index (`KeyUsers`).
+  * key and value gradients are written per key slot, then summed per source token in a fixed
+    order by `sum_slot_gradients`, through the inverse of the key index (`KeyUsers`).
 
 Loop bounds: Triton's interpreter before 3.8 cannot take a run-time `range` bound under NumPy 2
 ("only 0-dimensional arrays can be converted to Python scalars"), and Triton 3.0-3.2 cannot compile
@@ -224,16 +222,8 @@ def _backward_window(grad_bias, batch, w, block, head, num_heads, qkv_ptr, poole
                   UPCAST) * scale
     grad_q = _dot(grad_s.to(k.dtype), k, tl.zeros([s.shape[0], BLOCK_D], tl.float32), PRECISION, UPCAST) * scale
 
-    # Key/value gradients: own-window slots in place (a token is an own slot of one window only),
-    # the others per slot, for sum_slot_gradients.
-    own = slots < AREA
-    if block * BLOCK_N < AREA:
-        own_rows = grad_qkv_ptr + (batch * num_fine + index)[:, None] * (3 * CHANNELS) + CHANNELS + head_dims
-        own_ok = own[:, None] & (dims < HEAD_DIM)[None, :]
-        tl.store(own_rows, grad_k.to(grad_qkv_ptr.dtype.element_ty), mask=own_ok)
-        tl.store(own_rows + CHANNELS, grad_v.to(grad_qkv_ptr.dtype.element_ty), mask=own_ok)
     slot_rows = (batch * num_windows + w) * NUM_KEYS + slots
-    slot_ok = (present & (slots >= AREA))[:, None] & (dims < HEAD_DIM)[None, :]
+    slot_ok = present[:, None] & (dims < HEAD_DIM)[None, :]
     grad_slots = grad_slots_ptr + slot_rows[:, None] * (2 * CHANNELS) + head_dims
     tl.store(grad_slots, grad_k.to(grad_slots_ptr.dtype.element_ty), mask=slot_ok)
     tl.store(grad_slots + CHANNELS, grad_v.to(grad_slots_ptr.dtype.element_ty), mask=slot_ok)
@@ -262,9 +252,8 @@ def focal_attention_backward_kernel(
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, WINDOWS_PER_PROGRAM: tl.constexpr):
     """Grid (ceil(B * nW / WINDOWS_PER_PROGRAM), nh). Writes the query gradient into the q third of
-    grad_qkv (B, T, 3C), key/value gradients of own-window slots into its k and v thirds and of the
-    others per slot into grad_slots (B * nW * S, 2C), and this program's position-bias gradient into
-    grad_bias[program] (programs, nh, ws^2, S). bias and lse in log2 units, as the forward takes and
+    grad_qkv (B, T, 3C), key/value gradients per slot into grad_slots (B * nW * S, 2C), and this
+    program's position-bias gradient into grad_bias[program] (programs, nh, ws^2, S). bias and lse in log2 units, as the forward takes and
     writes them. The window loop has a compile-time trip count: Triton 3.0-3.2 cannot compile a
     `while` loop around the dots for sm_90, and their interpreter cannot take a run-time `range`."""
     program = tl.program_id(0)
@@ -294,12 +283,9 @@ def focal_attention_backward_kernel(
 
 @triton.jit
 def sum_slot_gradients_kernel(grad_slots_ptr, offsets_ptr, slots_ptr, out_ptr, stride_out_b, stride_out_t,
-                              num_tokens, slots_per_batch, width, NUM_KEYS: tl.constexpr, AREA: tl.constexpr,
-                              OWN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                              num_tokens, slots_per_batch, width, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """Grid (ceil(U / BLOCK_T), B): out[b, u] = sum of grad_slots[b * slots_per_batch + slot] over the
-    slots that read source token u (slots[offsets[u]:offsets[u + 1]]), in that order. OWN: out
-    already holds the gradient from each token's own window (slots < AREA of a window, which
-    backward writes in place): those slots are skipped and the rest added to it."""
+    slots that read source token u (slots[offsets[u]:offsets[u + 1]]), in that order."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     batch = tl.program_id(1).to(tl.int64)
     token_ok = tokens < num_tokens
@@ -307,19 +293,14 @@ def sum_slot_gradients_kernel(grad_slots_ptr, offsets_ptr, slots_ptr, out_ptr, s
     tile_ok = token_ok[:, None] & (cols < width)[None, :]
     begin = tl.load(offsets_ptr + tokens, mask=token_ok, other=0)
     count = tl.load(offsets_ptr + tokens + 1, mask=token_ok, other=0) - begin
-    out_rows = out_ptr + batch * stride_out_b + tokens[:, None].to(tl.int64) * stride_out_t + cols[None, :]
-    if OWN:
-        acc = tl.load(out_rows, mask=tile_ok, other=0.).to(tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
     most = tl.max(count, 0)
     user = 0
     while user < most:
         used = user < count
         slot = tl.load(slots_ptr + begin + user, mask=used, other=0)
-        if OWN:
-            used = used & (slot % NUM_KEYS >= AREA)
         rows = grad_slots_ptr + (batch * slots_per_batch + slot.to(tl.int64))[:, None] * width + cols[None, :]
         acc += tl.load(rows, mask=used[:, None] & tile_ok, other=0.)
         user += 1
-    tl.store(out_rows, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(out_ptr + batch * stride_out_b + tokens[:, None].to(tl.int64) * stride_out_t + cols[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
