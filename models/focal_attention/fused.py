@@ -63,8 +63,8 @@ def _interpreter_fault() -> Optional[str]:
         return f"Triton {triton.__version__}'s interpreter fails a minimal kernel ({type(error).__name__}: {error})"
     if not torch.equal(written, torch.arange(1., 9.)):
         import numpy
-        return (f"Triton {triton.__version__}'s interpreter stores nothing with NumPy {numpy.__version__} (as "
-                f"Triton 3.0's load and store helpers copy no bytes under NumPy 2; NumPy 1.x works)")
+        return (f"Triton {triton.__version__}'s interpreter stores nothing with NumPy {numpy.__version__} (the "
+                f"load and store helpers of Triton 3.0 and 3.1 copy no bytes under NumPy 2; NumPy 1.x works)")
     return None
 
 
