@@ -4,9 +4,9 @@ One program owns one window's queries of one head. Keys and values are read in p
 layout's key index, from the fine map (the k and v thirds of `qkv`) or from the pooled tokens, so no
 gathered copy exists; positional terms come from the (heads, ws^2, S) position bias shared by all
 windows, and masks from the layout's per-slot key mask (-100 for pooled neighbours outside the map,
--inf for alignment slots) and the windows' shift-region labels. Scores are kept in log2 units: queries are pre-scaled by scale * log2(e), the
-position bias comes pre-scaled by log2(e) and is the dot's accumulator, softmax uses exp2, and the
-saved log-sum-exp is base 2.
+-inf for alignment slots) and the windows' shift-region labels. Scores are kept in log2 units:
+queries are pre-scaled by scale * log2(e), the position bias comes pre-scaled by log2(e) and is the
+dot's accumulator, softmax uses exp2, and the saved log-sum-exp is base 2.
 
 Backward never adds floats atomically, so it is deterministic:
   * a program owns WINDOWS_PER_PROGRAM windows of one head and visits them once per key block,
@@ -67,9 +67,9 @@ def _key_block_scores(q_scaled, q_region, qkv_base, pooled_base, bias_tile, key_
                       ALIGNED: tl.constexpr, REGION_MASK: tl.constexpr, PRECISION: tl.constexpr,
                       UPCAST: tl.constexpr):
     """Scores (BLOCK_M, BLOCK_N) in log2 units of key slots `slots` of one window and head, with
-    their keys, values and source indices. The window's key mask (one value per slot) is added
-    once. ALIGNED: key/value rows of both sources start on 16 bytes. REGION_MASK: the block holds
-    own-window slots of a shifted window."""
+    their keys, values and which slots read a real key (not the zero token). The window's key mask
+    (one value per slot) is added once. ALIGNED: key/value rows of both sources start on 16 bytes.
+    REGION_MASK: the block holds own-window slots of a shifted window."""
     slot_ok = slots < NUM_KEYS
     # not other=zero_token: Triton 3.0-3.2 fail to pipeline a masked load whose fill is a run-time value
     index = tl.where(slot_ok, tl.load(key_index_base + slots, mask=slot_ok, other=0), zero_token)
@@ -92,7 +92,7 @@ def _key_block_scores(q_scaled, q_region, qkv_base, pooled_base, bias_tile, key_
         k_region = tl.load(regions_base + slots, mask=slots < AREA, other=-1)
         crossing = (k_region[None, :] >= 0) & (k_region[None, :] != q_region[:, None])
         s += tl.where(crossing, MASKED_LOG2, 0.)
-    return s, k, v, index, present
+    return s, k, v, present
 
 
 @triton.jit
@@ -110,7 +110,7 @@ def _forward_block(m_i, l_i, acc, q_scaled, q_region, qkv_base, pooled_base, bia
                    REGION_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
     """One step of the online softmax over key slots [start, start + BLOCK_N)."""
     slots = start + tl.arange(0, BLOCK_N)
-    s, k, v, index, present = _key_block_scores(
+    s, k, v, present = _key_block_scores(
         q_scaled, q_region, qkv_base, pooled_base, _load_bias(bias_base, rows, row_ok, slots, NUM_KEYS),
         key_index_base, key_mask_base, regions_base, slots, dims, num_fine, zero_token, AREA, NUM_KEYS, CHANNELS,
         HEAD_DIM, HAS_POOLED, ALIGNED, REGION_MASK, PRECISION, UPCAST)
@@ -176,8 +176,8 @@ def focal_attention_forward_kernel(
 @triton.jit
 def _backward_window(grad_bias, batch, w, block, head, num_heads, qkv_ptr, pooled_ptr, bias_base, key_index_ptr,
                      key_mask_ptr, regions_ptr, out_ptr, grad_out_ptr, lse_ptr, delta_ptr, grad_qkv_ptr,
-                     grad_q_scratch_ptr, grad_slots_ptr, num_windows, num_fine, zero_token, scale, rows, row_ok, dims, AREA: tl.constexpr,
-                     NUM_KEYS: tl.constexpr, CHANNELS: tl.constexpr,
+                     grad_q_scratch_ptr, grad_slots_ptr, num_windows, num_fine, zero_token, scale, rows, row_ok,
+                     dims, AREA: tl.constexpr, NUM_KEYS: tl.constexpr, CHANNELS: tl.constexpr,
                      HEAD_DIM: tl.constexpr, HAS_POOLED: tl.constexpr, HAS_REGIONS: tl.constexpr,
                      ALIGNED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr):
@@ -209,7 +209,7 @@ def _backward_window(grad_bias, batch, w, block, head, num_heads, qkv_ptr, poole
     # padded query rows get an infinite log-sum-exp: their probabilities are 0
     lse = tl.load(lse_ptr + token_rows * num_heads + head, mask=row_ok, other=float('inf'))
 
-    s, k, v, index, present = _key_block_scores(
+    s, k, v, present = _key_block_scores(
         q_scaled, q_region, qkv_base, pooled_base, _load_bias(bias_base, rows, row_ok, slots, NUM_KEYS),
         key_index_base, key_mask_base, regions_base, slots, dims, num_fine, zero_token, AREA, NUM_KEYS, CHANNELS,
         HEAD_DIM, HAS_POOLED, ALIGNED, HAS_REGIONS, PRECISION, UPCAST)
@@ -253,9 +253,10 @@ def focal_attention_backward_kernel(
         BLOCK_D: tl.constexpr, WINDOWS_PER_PROGRAM: tl.constexpr):
     """Grid (ceil(B * nW / WINDOWS_PER_PROGRAM), nh). Writes the query gradient into the q third of
     grad_qkv (B, T, 3C), key/value gradients per slot into grad_slots (B * nW * S, 2C), and this
-    program's position-bias gradient into grad_bias[program] (programs, nh, ws^2, S). bias and lse in log2 units, as the forward takes and
-    writes them. The window loop has a compile-time trip count: Triton 3.0-3.2 cannot compile a
-    `while` loop around the dots for sm_90, and their interpreter cannot take a run-time `range`."""
+    program's position-bias gradient into grad_bias[program] (programs, nh, ws^2, S). bias and lse
+    in log2 units, as the forward takes and writes them. The window loop has a compile-time trip
+    count: Triton 3.0-3.2 cannot compile a `while` loop around the dots for sm_90, and interpreters
+    before 3.8 cannot take a run-time `range` under NumPy 2."""
     program = tl.program_id(0)
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
@@ -271,9 +272,8 @@ def focal_attention_backward_kernel(
                     grad_bias, (window // num_windows).to(tl.int64), window % num_windows, block, head, num_heads,
                     qkv_ptr, pooled_ptr, bias_base, key_index_ptr, key_mask_ptr, regions_ptr, out_ptr, grad_out_ptr,
                     lse_ptr, delta_ptr, grad_qkv_ptr, grad_q_scratch_ptr, grad_slots_ptr, num_windows, num_fine,
-                    zero_token, scale,
-                    rows, row_ok, tl.arange(0, BLOCK_D), AREA, NUM_KEYS, CHANNELS, HEAD_DIM, HAS_POOLED,
-                    HAS_REGIONS, ALIGNED, PRECISION, UPCAST, BLOCK_N, BLOCK_D)
+                    zero_token, scale, rows, row_ok, tl.arange(0, BLOCK_D), AREA, NUM_KEYS, CHANNELS, HEAD_DIM,
+                    HAS_POOLED, HAS_REGIONS, ALIGNED, PRECISION, UPCAST, BLOCK_N, BLOCK_D)
         slots = block * BLOCK_N + tl.arange(0, BLOCK_N)
         partial = grad_bias_ptr + ((program * num_heads + head) * AREA + rows[:, None]) * NUM_KEYS + slots[None, :]
         tl.store(partial, grad_bias, mask=row_ok[:, None] & (slots < NUM_KEYS)[None, :])
