@@ -10,13 +10,14 @@ from models import FocalBackbone, FocalTransformer
 from models.focal_attention import (FocalGeometry, clear_backend_choices, clear_layout_cache, focal_attention,
                                     layout_cache_stats, window_layout)
 from models.focal_attention import geometry
-from models.focal_attention.fused import triton_unavailable_reason
+from models.focal_attention import fused
+from models.focal_attention.fused import interpreter_unavailable_reason, triton_unavailable_reason
 
 CPU = torch.device('cpu')
 
 
-runs_fused_kernel = pytest.mark.skipif(triton_unavailable_reason() is not None,
-                                       reason=f'the fused kernel cannot run here: {triton_unavailable_reason()}')
+runs_fused_kernel = pytest.mark.skipif(interpreter_unavailable_reason() is not None,
+                                       reason=f'the fused kernel cannot run here: {interpreter_unavailable_reason()}')
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -55,8 +56,10 @@ GEOMETRIES = {
                                          shift_size=1), 8, 8, 3, 24, 1),
     'map no larger than the window': (dict(window_size=5, expand_size=0, focal_window=1, num_pooled_levels=1,
                                            shift_size=0), 5, 5, 2, 16, 3),
-    'window 7, expand 3 (Focal-T stage 1 geometry)': (dict(window_size=7, expand_size=3, focal_window=7,
-                                                          num_pooled_levels=1, shift_size=0), 14, 14, 1, 32, 1),
+    'window 7, expand 3, shifted (Focal-T stage 1 keys)': (dict(window_size=7, expand_size=3, focal_window=7,
+                                                               num_pooled_levels=1, shift_size=3), 14, 14, 1, 32, 1),
+    'window 9 (128-query blocks), shifted': (dict(window_size=9, expand_size=1, focal_window=1, num_pooled_levels=1,
+                                                  shift_size=4), 9, 18, 1, 16, 1),
 }
 
 
@@ -89,16 +92,33 @@ def test_fused_kernel_matches_sdpa_in_half_precision(dtype):
             assert relative_error(value, expected) < 3e-2, (backend, what)
 
 
+def test_an_interpreter_that_stores_nothing_is_reported_and_not_used(monkeypatch):
+    """Triton 3.0's interpreter under NumPy 2 runs kernels without storing anything: the fused
+    backend says so for CPU inputs instead of returning uninitialised memory."""
+    class StoresNothing:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    monkeypatch.setattr(fused, '_interpreter_probe_kernel', StoresNothing())
+    fused._interpreter_fault.cache_clear()
+    try:
+        layout, qkv, *_ = attention_inputs(GEOMETRIES['one level, no pooling'][0], 8, 8, 2, 16, 1, torch.float32)
+        reason = fused.unavailable_reason(qkv, layout, 2, 0.)
+    finally:
+        fused._interpreter_fault.cache_clear()
+    assert reason is not None and 'interpreter stores nothing' in reason
+
+
 @runs_fused_kernel
 def test_a_planted_kernel_bug_is_caught(monkeypatch):
-    """The comparison above fails when the kernel leaves out one mask term (pooled neighbours
-    outside the map stop being masked)."""
+    """The comparison above fails when the kernel leaves out one mask term (tokens of a shifted
+    window stop being masked from other image regions)."""
     geometry_args, height, width, num_heads, head_dim, batch = GEOMETRIES['two levels, shifted']
     torch.manual_seed(0)
     inputs = attention_inputs(geometry_args, height, width, num_heads, head_dim, batch, torch.float32)
     reference = run_backend('sdpa', *inputs, num_heads)
     from models.focal_attention import triton_kernels
-    monkeypatch.setattr(triton_kernels, 'MASKED', 0.0)
+    monkeypatch.setattr(triton_kernels, 'MASKED_LOG2', 0.0)
     planted = run_backend('fused', *inputs, num_heads)
     assert relative_error(planted[0], reference[0]) > 1e-3
 

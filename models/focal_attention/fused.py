@@ -2,10 +2,12 @@
 its own backward op, so that eager autograd, autocast and torch.compile (which keeps the op whole
 inside its graph) all run the same kernels.
 
-Runs on CUDA, or on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`, for tests), in
-fp32, fp16 and bf16, for windows of up to MAX_WINDOW_AREA tokens and heads of up to MAX_HEAD_DIM
-channels, without attention dropout; `unavailable_reason` says why not otherwise.
+Runs on CUDA with Triton 3.0 or later (every supported PyTorch: torch 2.4 brings Triton 3.0), or on
+the CPU under Triton's interpreter (`TRITON_INTERPRET=1`, for tests) where that interpreter works,
+in fp32, fp16 and bf16, for windows of up to MAX_WINDOW_AREA tokens and heads of up to
+MAX_HEAD_DIM channels, without attention dropout; `unavailable_reason` says why not otherwise.
 """
+import functools
 import math
 import os
 from typing import Optional, Tuple
@@ -17,26 +19,64 @@ from .geometry import WindowLayout
 
 try:
     import triton
+    import triton.language as tl
 
     from . import triton_kernels
 except ImportError:  # PyTorch builds without Triton (e.g. CPU-only wheels)
     triton = triton_kernels = None
 
-MIN_TRITON = (3, 8)  # the oldest Triton the kernels were verified on (Triton 3.0's interpreter gives NaN)
+MIN_TRITON = (3, 0)  # the kernels use Triton 3's language (tl.dot's input_precision)
 MAX_WINDOW_AREA = 256  # queries of a window sit in one block of at most this many rows
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-PROGRAMS_PER_SM = 8  # backward: programs to keep in flight per multiprocessor
+BACKWARD_PROGRAMS_PER_SM = 2  # backward programs a multiprocessor holds at once (~250 registers x 4 warps each)
+SUM_TILE = 2048  # sum_slot_gradients: (tokens, channels) elements per program
+SCRATCH_WINDOWS = 8  # backward: the most windows per program (see _windows_per_program)
 
 
 def triton_unavailable_reason() -> Optional[str]:
-    """Why this installation cannot run the kernels at all, or None."""
+    """Why this installation cannot run the kernels compiled, or None. Every Triton from 3.0 (torch
+    2.4) to 3.8 compiles them for sm_80 and sm_90 (docs/benchmarks.md)."""
     if triton_kernels is None:
         return 'Triton is not installed'
     version = tuple(int(part) for part in triton.__version__.split('.')[:2])
     if version < MIN_TRITON:
-        return f'Triton {triton.__version__} is older than {".".join(map(str, MIN_TRITON))}, the oldest it is verified on'
+        return f'Triton {triton.__version__} is older than {".".join(map(str, MIN_TRITON))}, whose language it uses'
     return None
+
+
+if triton_kernels is not None:
+    @triton.jit
+    def _interpreter_probe_kernel(out_ptr, BLOCK: tl.constexpr):
+        """out[:BLOCK] = 1, 2, ..., BLOCK."""
+        cols = tl.arange(0, BLOCK)
+        tl.store(out_ptr + cols, cols.to(tl.float32) + 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_fault() -> Optional[str]:
+    """What goes wrong when Triton's interpreter runs a kernel that stores eight numbers, or None."""
+    written = torch.zeros(8)
+    try:
+        _interpreter_probe_kernel[(1,)](written, BLOCK=8)
+    except Exception as error:  # noqa: BLE001 (any failure of the interpreter is the answer)
+        return f"Triton {triton.__version__}'s interpreter fails a minimal kernel ({type(error).__name__}: {error})"
+    if not torch.equal(written, torch.arange(1., 9.)):
+        import numpy
+        return (f"Triton {triton.__version__}'s interpreter stores nothing with NumPy {numpy.__version__} (the "
+                f"load and store helpers of Triton 3.0 and 3.1 copy no bytes under NumPy 2; NumPy 1.x works)")
+    return None
+
+
+def interpreter_unavailable_reason() -> Optional[str]:
+    """Why the kernels cannot run on the CPU under Triton's interpreter here, or None: found once by
+    running a minimal kernel, not from the version (the compiled path does not depend on it)."""
+    missing = triton_unavailable_reason()
+    if missing is not None:
+        return missing
+    if os.environ.get('TRITON_INTERPRET') != '1':
+        return 'TRITON_INTERPRET=1 is not set'
+    return _interpreter_fault()
 
 
 def unavailable_reason(qkv: torch.Tensor, layout: WindowLayout, num_heads: int, dropout_p: float,
@@ -57,6 +97,8 @@ def unavailable_reason(qkv: torch.Tensor, layout: WindowLayout, num_heads: int, 
         return f'heads of {qkv.shape[-1] // 3 // num_heads} channels (at most {MAX_HEAD_DIM})'
     if dropout_p > 0:
         return 'attention dropout'
+    if qkv.device.type == 'cpu':
+        return interpreter_unavailable_reason()
     return None
 
 
@@ -67,9 +109,9 @@ def fused_focal_attention(qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor], 
     if pooled_kv is not None:
         pooled_kv = pooled_kv.to(qkv.dtype).contiguous()
     out, _ = torch.ops.focal_attention.fused_forward(
-        qkv.contiguous(), pooled_kv, position_bias.float().contiguous(), layout.key_index, layout.regions,
-        fine_users.offsets, fine_users.slots, pooled_users.offsets, pooled_users.slots,
-        num_heads, layout.num_attended, layout.zero_token, scale)
+        qkv.contiguous(), pooled_kv, position_bias.float().contiguous(), layout.key_index, layout.key_mask,
+        layout.regions, fine_users.offsets, fine_users.slots, pooled_users.offsets, pooled_users.slots,
+        num_heads, layout.zero_token, scale)
     return out
 
 
@@ -77,15 +119,28 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _launch_config(qkv: torch.Tensor, area: int, num_keys: int, num_heads: int) -> dict:
+def _launch_config(qkv: torch.Tensor, area: int, num_keys: int, num_heads: int, backward: bool = False) -> dict:
     """Block sizes, warps and dot precision for one call (queries of a window form one block)."""
     head_dim = qkv.shape[-1] // 3 // num_heads
     block_m = max(16, _next_power_of_2(area))
+    if block_m <= 64:
+        block_n = 64
+    elif backward and qkv.element_size() == 4:
+        block_n = 16  # with 32 the fp32 backward needs 164 KB of shared memory; an sm_80 block may have 163 KB
+    else:
+        block_n = 32
+    block_n = min(block_n, max(16, _next_power_of_2(num_keys)))
     upcast = not qkv.is_cuda and qkv.dtype != torch.float32  # the interpreter's 16-bit dot is wrong
     tf32 = qkv.is_cuda and (qkv.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32)
-    return dict(BLOCK_M=block_m, BLOCK_N=min(64 if block_m <= 64 else 32, max(16, _next_power_of_2(num_keys))),
+    return dict(CHANNELS=qkv.shape[-1] // 3, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
                 BLOCK_D=max(16, _next_power_of_2(head_dim)), PRECISION='tf32' if tf32 else 'ieee', UPCAST=upcast,
                 num_warps=4 if block_m <= 64 else 8)
+
+
+def _rows_aligned(qkv: torch.Tensor, pooled: torch.Tensor, head_dim: int) -> bool:
+    """Whether every key/value row a head reads starts on 16 bytes (for vector loads)."""
+    size = qkv.element_size()
+    return all(n % 16 == 0 for n in (qkv.data_ptr(), pooled.data_ptr(), qkv.shape[-1] // 3 * size, head_dim * size))
 
 
 def _shape_args(qkv: torch.Tensor, key_index: torch.Tensor, num_heads: int) -> Tuple[int, int, int, int, int, int]:
@@ -96,110 +151,117 @@ def _shape_args(qkv: torch.Tensor, key_index: torch.Tensor, num_heads: int) -> T
 
 @torch.library.custom_op('focal_attention::fused_forward', mutates_args=())
 def fused_forward(qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor], position_bias: torch.Tensor,
-                  key_index: torch.Tensor, regions: Optional[torch.Tensor], fine_offsets: torch.Tensor,
-                  fine_slots: torch.Tensor, pooled_offsets: torch.Tensor, pooled_slots: torch.Tensor,
-                  num_heads: int, num_attended: int, zero_token: int, scale: float
+                  key_index: torch.Tensor, key_mask: torch.Tensor, regions: Optional[torch.Tensor],
+                  fine_offsets: torch.Tensor, fine_slots: torch.Tensor, pooled_offsets: torch.Tensor,
+                  pooled_slots: torch.Tensor, num_heads: int, zero_token: int, scale: float
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """qkv (B, T, 3C), pooled_kv (B, P, 2C), position_bias (nh, ws^2, S) fp32, key_index (nW, S),
-    regions (nW, ws^2). Returns out (B, T, C) and the log-sum-exp of each query's scores (B, T, nh)
-    fp32. The key users (inverse maps) are inputs only so that backward finds them."""
+    """qkv (B, T, 3C), pooled_kv (B, P, 2C), position_bias (nh, ws^2, S) fp32, key_index and
+    key_mask (nW, S), regions (nW, ws^2). Returns out (B, T, C) and the base-2 log-sum-exp of each query's scores
+    (B, T, nh) fp32, for backward. The key users (inverse maps) are inputs only so that backward finds them."""
     B, T, C, head_dim, num_windows, num_keys = _shape_args(qkv, key_index, num_heads)
     area = position_bias.shape[1]
     out = qkv.new_empty(B, T, C)
     lse = qkv.new_empty(B, T, num_heads, dtype=torch.float32)
     pooled = pooled_kv if pooled_kv is not None else qkv
-    config = _launch_config(qkv, area, num_keys, num_heads)
     triton_kernels.focal_attention_forward_kernel[(B * num_windows, num_heads)](
-        qkv, pooled, position_bias, key_index, regions if regions is not None else key_index, out, lse,
-        qkv.stride(0), qkv.stride(1), pooled.stride(0), pooled.stride(1),
-        num_windows, T, zero_token, C, head_dim, num_heads, scale,
-        AREA=area, NUM_KEYS=num_keys, NUM_ATTENDED=num_attended, HAS_POOLED=pooled_kv is not None,
-        HAS_REGIONS=regions is not None, **config)
+        qkv, pooled, position_bias * triton_kernels.LOG2E, key_index, key_mask,
+        regions if regions is not None else key_index, out, lse, num_windows, T, zero_token, scale,
+        AREA=area, NUM_KEYS=num_keys, HAS_POOLED=pooled_kv is not None,
+        HAS_REGIONS=regions is not None, ALIGNED=_rows_aligned(qkv, pooled, head_dim),
+        **_launch_config(qkv, area, num_keys, num_heads))
     return out, lse
 
 
 @fused_forward.register_fake
-def _(qkv, pooled_kv, position_bias, key_index, regions, fine_offsets, fine_slots, pooled_offsets, pooled_slots,
-      num_heads, num_attended, zero_token, scale):
+def _(qkv, pooled_kv, position_bias, key_index, key_mask, regions, fine_offsets, fine_slots, pooled_offsets,
+      pooled_slots, num_heads, zero_token, scale):
     B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
     return qkv.new_empty(B, T, C), qkv.new_empty(B, T, num_heads, dtype=torch.float32)
 
 
-def _backward_programs(qkv: torch.Tensor, total_windows: int, num_heads: int) -> Tuple[int, int]:
-    """(programs along the windows, windows per program) for backward: enough programs to fill the
-    device, each summing its windows' position-bias gradient once."""
-    if qkv.is_cuda:
-        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(qkv.device).multi_processor_count
-    else:
-        target = 8
-    windows_per_program = max(1, math.ceil(total_windows * num_heads / target))
-    return math.ceil(total_windows / windows_per_program), windows_per_program
+def _windows_per_program(qkv: torch.Tensor, total_windows: int, num_heads: int) -> int:
+    """Windows a backward program visits. Each program writes one position-bias partial per key block
+    (fewer, longer programs write fewer), and, with several blocks, keeps its windows' query gradients
+    in a scratch between blocks (at most SCRATCH_WINDOWS windows keep that within L2). On CUDA a
+    power of two (a compile-time constant: few variants) small enough for four waves of programs,
+    so that the last wave's idle share stays small; the interpreter runs programs one by one."""
+    if not qkv.is_cuda:
+        return SCRATCH_WINDOWS
+    resident = BACKWARD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(qkv.device).multi_processor_count
+    windows = 1
+    while windows < SCRATCH_WINDOWS and total_windows * num_heads >= 2 * windows * 4 * resident:
+        windows *= 2
+    return windows
 
 
 @torch.library.custom_op('focal_attention::fused_backward', mutates_args=())
 def fused_backward(grad_out: torch.Tensor, qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor],
-                   position_bias: torch.Tensor, key_index: torch.Tensor, regions: Optional[torch.Tensor],
-                   fine_offsets: torch.Tensor, fine_slots: torch.Tensor, pooled_offsets: torch.Tensor,
-                   pooled_slots: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
-                   num_attended: int, zero_token: int, scale: float
+                   position_bias: torch.Tensor, key_index: torch.Tensor, key_mask: torch.Tensor,
+                   regions: Optional[torch.Tensor], fine_offsets: torch.Tensor, fine_slots: torch.Tensor,
+                   pooled_offsets: torch.Tensor, pooled_slots: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                   num_heads: int, zero_token: int, scale: float
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of qkv (B, T, 3C), pooled_kv (B, P, 2C; empty without pooled tokens) and
     position_bias (nh, ws^2, S) fp32."""
     B, T, C, head_dim, num_windows, num_keys = _shape_args(qkv, key_index, num_heads)
     area = position_bias.shape[1]
-    config = _launch_config(qkv, area, num_keys, num_heads)
-    delta = (grad_out.float() * out.float()).view(B, T, num_heads, head_dim).sum(-1)
+    # Not software-pipelined: two stages spill registers on sm_80, and Triton 3.0 and 3.2 fail to
+    # pipeline this loop (docs/benchmarks.md); two programs per multiprocessor overlap their loads.
+    config = dict(_launch_config(qkv, area, num_keys, num_heads, backward=True), num_stages=1)
     total_windows = B * num_windows
-    programs, windows_per_program = _backward_programs(qkv, total_windows, num_heads)
-    grad_qkv = torch.empty_like(qkv)
     multi_block = num_keys > config['BLOCK_N']
+    windows_per_program = _windows_per_program(qkv, total_windows, num_heads)
+    programs = math.ceil(total_windows / windows_per_program)
+    grad_qkv = torch.empty_like(qkv)
     grad_q_scratch = qkv.new_empty(B, T, C if multi_block else 0, dtype=torch.float32)
+    delta = qkv.new_empty(B, T, num_heads if multi_block else 0, dtype=torch.float32)
     grad_slots = qkv.new_empty(total_windows * num_keys, 2 * C)
     grad_bias = qkv.new_empty(programs, num_heads, area, num_keys, dtype=torch.float32)
     pooled = pooled_kv if pooled_kv is not None else qkv
     triton_kernels.focal_attention_backward_kernel[(programs, num_heads)](
-        qkv, pooled, position_bias, key_index, regions if regions is not None else key_index, grad_out, lse, delta,
-        grad_qkv, grad_q_scratch, grad_slots, grad_bias,
-        qkv.stride(0), qkv.stride(1), pooled.stride(0), pooled.stride(1),
-        num_windows, total_windows, windows_per_program, T, zero_token, C, head_dim, num_heads, scale,
-        AREA=area, NUM_KEYS=num_keys, NUM_ATTENDED=num_attended, HAS_POOLED=pooled_kv is not None,
-        HAS_REGIONS=regions is not None, **config)
+        qkv, pooled, position_bias * triton_kernels.LOG2E, key_index, key_mask,
+        regions if regions is not None else key_index, out, grad_out, lse, delta, grad_qkv, grad_q_scratch,
+        grad_slots, grad_bias, num_windows, total_windows, T, zero_token, scale,
+        AREA=area, NUM_KEYS=num_keys, HAS_POOLED=pooled_kv is not None,
+        HAS_REGIONS=regions is not None, ALIGNED=_rows_aligned(qkv, pooled, head_dim),
+        WINDOWS_PER_PROGRAM=windows_per_program, **config)
 
     def sum_slots(offsets: torch.Tensor, slots: torch.Tensor, target: torch.Tensor) -> None:
-        if target.shape[1]:
-            triton_kernels.sum_slot_gradients_kernel[(target.shape[1], B)](
-                grad_slots, offsets, slots, target, target.stride(0), target.stride(1), num_windows * num_keys,
-                2 * C, BLOCK_C=_next_power_of_2(2 * C), num_warps=2)
+        block_c = _next_power_of_2(2 * C)
+        block_t = max(1, SUM_TILE // block_c)
+        triton_kernels.sum_slot_gradients_kernel[(math.ceil(target.shape[1] / block_t), B)](
+            grad_slots, offsets, slots, target, target.stride(0), target.stride(1), target.shape[1],
+            num_windows * num_keys, 2 * C, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)
 
     sum_slots(fine_offsets, fine_slots, grad_qkv[:, :, C:])
     grad_pooled = torch.empty_like(pooled_kv) if pooled_kv is not None else qkv.new_empty(0)
-    if pooled_kv is not None:
+    if pooled_kv is not None and grad_pooled.shape[1]:
         sum_slots(pooled_offsets, pooled_slots, grad_pooled)
     return grad_qkv, grad_pooled, grad_bias.sum(0)
 
 
 @fused_backward.register_fake
-def _(grad_out, qkv, pooled_kv, position_bias, key_index, regions, fine_offsets, fine_slots, pooled_offsets,
-      pooled_slots, out, lse, num_heads, num_attended, zero_token, scale):
+def _(grad_out, qkv, pooled_kv, position_bias, key_index, key_mask, regions, fine_offsets, fine_slots,
+      pooled_offsets, pooled_slots, out, lse, num_heads, zero_token, scale):
     grad_pooled = torch.empty_like(pooled_kv) if pooled_kv is not None else qkv.new_empty(0)
     return torch.empty_like(qkv), grad_pooled, torch.empty_like(position_bias, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    (qkv, pooled_kv, position_bias, key_index, regions, fine_offsets, fine_slots, pooled_offsets, pooled_slots,
-     num_heads, num_attended, zero_token, scale) = inputs
+    (qkv, pooled_kv, position_bias, key_index, key_mask, regions, fine_offsets, fine_slots, pooled_offsets,
+     pooled_slots, num_heads, zero_token, scale) = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, pooled_kv, position_bias, key_index, regions, fine_offsets, fine_slots,
+    ctx.save_for_backward(qkv, pooled_kv, position_bias, key_index, key_mask, regions, fine_offsets, fine_slots,
                           pooled_offsets, pooled_slots, out, lse)
-    ctx.scalars = (num_heads, num_attended, zero_token, scale)
+    ctx.scalars = (num_heads, zero_token, scale)
     ctx.has_pooled = pooled_kv is not None
 
 
 def _backward(ctx, grad_out, grad_lse):
-    qkv, pooled_kv, position_bias, key_index, regions, fo, fs, po, ps, out, lse = ctx.saved_tensors
+    qkv, pooled_kv, position_bias, key_index, key_mask, regions, fo, fs, po, ps, out, lse = ctx.saved_tensors
     grad_qkv, grad_pooled, grad_bias = torch.ops.focal_attention.fused_backward(
-        grad_out.to(qkv.dtype).contiguous(), qkv, pooled_kv, position_bias, key_index, regions, fo, fs, po, ps,
-        out, lse, *ctx.scalars)
+        grad_out.to(qkv.dtype).contiguous(), qkv, pooled_kv, position_bias, key_index, key_mask, regions, fo, fs, po,
+        ps, out, lse, *ctx.scalars)
     return (grad_qkv, grad_pooled if ctx.has_pooled else None, grad_bias) + (None,) * 10
 
 
