@@ -10,12 +10,12 @@ import torch
 from models import FocalTransformer
 from models.focal_attention import backends, backends_in_use, clear_backend_choices
 from models.focal_attention.backends import GpuArchitecture
-from models.focal_attention.fused import triton_unavailable_reason
+from models.focal_attention.fused import interpreter_unavailable_reason as fused_interpreter_fault
 
 MICRO = dict(img_size=32, window_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
              focal_levels=[2, 2, 2, 2], focal_windows=[3, 1, 1, 1], expand_sizes=[1, 1, 0, 0], num_classes=3,
              drop_path_rate=0.0)
-FUSED_RUNS_HERE = triton_unavailable_reason() is None  # on the CPU: under TRITON_INTERPRET=1 (conftest)
+FUSED_RUNS_HERE = fused_interpreter_fault() is None  # on the CPU: under TRITON_INTERPRET=1 (conftest)
 
 
 @pytest.fixture(autouse=True)
@@ -54,10 +54,10 @@ def test_auto_on_an_unverified_or_pre_sm80_gpu_runs_sdpa_and_says_once_how_to_op
         assert "MODEL.FOCAL.ATTN_BACKEND fused (attn_backend='fused')" in lines[0]
         assert ('bash scripts/gpu_checks.sh all' in lines[0]) == (capability >= (8, 0))  # how to verify
     else:  # opting in would not help: the line says why the kernel cannot run
-        assert triton_unavailable_reason() in lines[0]
+        assert fused_interpreter_fault() in lines[0]
 
 
-@pytest.mark.skipif(not FUSED_RUNS_HERE, reason=f'the fused kernel cannot run here: {triton_unavailable_reason()}')
+@pytest.mark.skipif(not FUSED_RUNS_HERE, reason=f'the fused kernel cannot run here: {fused_interpreter_fault()}')
 def test_auto_on_a_verified_gpu_runs_the_fused_kernel(monkeypatch, caplog):
     describe_device_as(monkeypatch, (9, 0))
     monkeypatch.setitem(backends.VERIFIED_ARCHITECTURES, (9, 0), 'docs/benchmarks.md: a test entry')
@@ -109,3 +109,34 @@ def test_backends_in_use_reads_each_module():
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert backends_in_use(model) == ({'sdpa', 'fused'} if FUSED_RUNS_HERE else {'sdpa'})
+
+
+def test_a_fused_kernel_that_fails_on_the_gpu_falls_back_to_sdpa_with_one_warning(monkeypatch, caplog):
+    """What a GPU's first run of the kernels finds (a launch beyond the block's shared memory, or a
+    result unlike SDPA's) makes 'fused', and a verified 'auto', run SDPA and say why."""
+    failure = 'OutOfResources: out of resource: shared memory, Required: 149504, Hardware limit: 101376'
+    monkeypatch.setattr(backends.fused, 'launch_failure', lambda qkv, layout, num_heads: failure)
+    monkeypatch.setattr(backends.fused, 'unavailable_reason', lambda *args, **kwargs: None)
+    describe_device_as(monkeypatch, (9, 0))
+    monkeypatch.setitem(backends.VERIFIED_ARCHITECTURES, (9, 0), 'docs/benchmarks.md: a test entry')
+    for requested in ('fused', 'auto'):
+        clear_backend_choices()
+        caplog.clear()
+        model = FocalTransformer(**MICRO, attn_backend=requested).eval()
+        lines = run_and_log(model, caplog, torch.randn(1, 3, 32, 32))
+        assert backends_in_use(model) == {'sdpa'}
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == len(set(lines) & set(warnings)) == 3, lines  # one per geometry (3 here)
+        assert all(failure in line and 'SDPA' in line for line in warnings), warnings
+
+
+@pytest.mark.skipif(fused_interpreter_fault() is not None, reason=f'the interpreter cannot run it: '
+                                                                  f'{fused_interpreter_fault()}')
+def test_the_gpu_probe_passes_the_kernels_and_catches_a_wrong_result(monkeypatch):
+    """`probe_failure`, the body of a GPU's first-run check, run on the CPU under the interpreter."""
+    from models.focal_attention import FocalGeometry, fused, window_layout
+    layout = window_layout(8, 8, FocalGeometry(4, 1, 3, 1, 2), torch.device('cpu'))
+    assert fused.probe_failure(torch.device('cpu'), torch.float32, layout, 2, 32) is None
+    correct = fused.fused_focal_attention
+    monkeypatch.setattr(fused, 'fused_focal_attention', lambda *args: 1.5 * correct(*args))
+    assert 'output differs from SDPA' in fused.probe_failure(torch.device('cpu'), torch.float32, layout, 2, 32)

@@ -3,7 +3,8 @@ its one cache (as NATTEN arranges it: a small check per backend, a chooser, SDPA
 
   * 'sdpa' runs everything: the reference, and the CPU path.
   * 'fused' runs wherever `fused.unavailable_reason` is None (CUDA, or the CPU under
-    TRITON_INTERPRET=1); elsewhere SDPA runs, with one warning saying why.
+    TRITON_INTERPRET=1) and, on a GPU, a first run of its kernels on one random map of the layout
+    matches SDPA (`fused.launch_failure`); elsewhere SDPA runs, with one warning saying why.
   * 'auto' runs the fused kernel only on GPU architectures where a GPU run verified it correct and
     faster than SDPA (`VERIFIED_ARCHITECTURES`, never below sm_80), else SDPA, saying once in the log
     how to opt in and how to verify it.
@@ -117,6 +118,11 @@ def _decide(requested: str, qkv: torch.Tensor, layout: WindowLayout, num_heads: 
             _log_once(logging.WARNING,
                       f'focal attention: the fused kernel cannot run {where} inputs ({reason}): using SDPA')
             return 'sdpa'
+        failure = fused.launch_failure(qkv, layout, num_heads)
+        if failure is not None:
+            _log_once(logging.WARNING, f'focal attention: the fused kernel fails on {where} inputs of windows of '
+                                       f'{layout.window_area} tokens ({failure}): using SDPA')
+            return 'sdpa'
         _log_once(logging.INFO, f'focal attention on {where}: fused Triton kernel')
         return 'fused'
     gpu = gpu_architecture(qkv.device)
@@ -129,6 +135,11 @@ def _decide(requested: str, qkv: torch.Tensor, layout: WindowLayout, num_heads: 
     if declined is not None:
         _log_once(logging.INFO, f'focal attention on {qkv.device} ({gpu.name}, {gpu.sm}): SDPA. The fused Triton '
                                 f'kernel is {declined}')
+        return 'sdpa'
+    failure = fused.launch_failure(qkv, layout, num_heads)
+    if failure is not None:
+        _log_once(logging.WARNING, f'focal attention on {where}: SDPA. The fused kernel, verified on {gpu.sm}, fails '
+                                   f'on inputs of windows of {layout.window_area} tokens here ({failure})')
         return 'sdpa'
     _log_once(logging.INFO, f'focal attention on {where}: fused Triton kernel (verified on {gpu.sm}: '
                             f'{VERIFIED_ARCHITECTURES[gpu.capability]})')

@@ -32,6 +32,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKWARD_PROGRAMS_PER_SM = 2  # backward programs a multiprocessor holds at once (~250 registers x 4 warps each)
 SUM_TILE = 2048  # sum_slot_gradients: (tokens, channels) elements per program
 SCRATCH_WINDOWS = 8  # backward: the most windows per program (see _windows_per_program)
+PROBE_TOLERANCE = 5e-2  # launch_failure: relative error from SDPA beyond any rounding (bf16: ~5e-3)
 
 
 def triton_unavailable_reason() -> Optional[str]:
@@ -99,6 +100,53 @@ def unavailable_reason(qkv: torch.Tensor, layout: WindowLayout, num_heads: int, 
         return 'attention dropout'
     if qkv.device.type == 'cpu':
         return interpreter_unavailable_reason()
+    return None
+
+
+def launch_failure(qkv: torch.Tensor, layout: WindowLayout, num_heads: int) -> Optional[str]:
+    """Why the kernels fail on this GPU for inputs like `qkv` (B, T, 3C) of this layout, or None.
+    Found by running them, forward and backward, once on one random map of the layout and comparing
+    with SDPA: a launch can need more shared memory than the GPU gives a block (the fp32 backward of
+    14x14 windows takes 149 KB; sm_86 and sm_89 allow 99 KB), and a GPU where no run has been
+    recorded may miscompile. The interpreter (CPU inputs) has no such limits: None."""
+    if qkv.device.type != 'cuda':
+        return None
+    return probe_failure(qkv.device, qkv.dtype, layout, num_heads, qkv.shape[-1] // 3)
+
+
+def probe_failure(device: torch.device, dtype: torch.dtype, layout: WindowLayout, num_heads: int,
+                  channels: int) -> Optional[str]:
+    """`launch_failure` on `device`: the fused forward and backward of one random map of `channels`
+    (all heads), against SDPA, both without autocast."""
+    from .sdpa import sdpa_focal_attention  # the reference; imported here, where it is used
+    generator = torch.Generator().manual_seed(0)
+    num_pooled = layout.zero_token - layout.num_fine
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator).to(device, dtype)
+
+    qkv = draw(1, layout.num_fine, 3 * channels)
+    pooled_kv = draw(1, num_pooled, 2 * channels) if num_pooled else None
+    bias = torch.randn(num_heads, layout.window_area, layout.num_keys, generator=generator).to(device)
+    grad_out = draw(1, layout.num_fine, channels)
+    results = []
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        for attention in (fused_focal_attention, sdpa_focal_attention):
+            inputs = [t.detach().requires_grad_() for t in (qkv, pooled_kv, bias) if t is not None]
+            try:
+                out = attention(inputs[0], inputs[1] if pooled_kv is not None else None, inputs[-1], layout,
+                                num_heads, (channels // num_heads) ** -0.5)
+                grads = torch.autograd.grad(out, inputs, grad_out)
+                if device.type == 'cuda':
+                    torch.cuda.synchronize(device)
+            except Exception as error:  # noqa: BLE001 (any failure to compile or launch is the answer)
+                return f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}'
+            results.append([out, *grads])
+    names = ['output', 'qkv gradient'] + (['pooled gradient'] if pooled_kv is not None else []) + ['bias gradient']
+    for name, fused_value, reference in zip(names, *results):
+        error = ((fused_value.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-30)).item()
+        if not error < PROBE_TOLERANCE:  # NaN fails too
+            return f'its {name} differs from SDPA by {error:.1e} (relative) on a random input'
     return None
 
 
