@@ -170,14 +170,16 @@ def test_fused_model_gives_the_sdpa_model_output_and_every_parameter_gradient():
 @runs_fused_kernel
 def test_compiled_fused_model_trains_with_the_eager_gradients_in_one_graph():
     """The custom op stays inside a fullgraph torch.compile graph (layouts exist after one eager
-    forward) and its registered backward gives the eager gradients."""
+    forward) and its registered backward gives the eager gradients: the graphs dynamo and AOT
+    autograd trace for inductor, run without its code generation (inductor itself:
+    test_focal_transformer.py; with the compiled kernel on a GPU: scripts/gpu_checks.sh)."""
     torch.manual_seed(0)
     model = FocalTransformer(**{**MICRO, 'depths': [1, 1, 1, 1]}, attn_backend='fused')
     images = torch.randn(2, 3, 32, 32)
     _, eager = model_output_and_gradients(model, images, 'fused')
     model.zero_grad()
     torch._dynamo.reset()  # other tests' compiled models would make parameter shapes dynamic
-    torch.compile(model, fullgraph=True)(images).square().mean().backward()
+    torch.compile(model, fullgraph=True, backend='aot_eager')(images).square().mean().backward()
     for name, p in model.named_parameters():
         assert relative_error(p.grad, eager[name]) < 1e-5, name
 
