@@ -95,17 +95,19 @@ class TensorArg:
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch: the kernel's name in `triton_kernels`, its positional arguments (tensors as
-    `TensorArg`) and its keyword arguments (constexprs and launch options such as num_warps), sorted."""
+    `TensorArg`), the kernel arguments passed by keyword (fused passes the constexprs so) and the
+    launch options (num_warps, ...), each sorted by name."""
     kernel: str
     args: tuple
     kwargs: Tuple[Tuple[str, object], ...]
+    launch_options: Tuple[Tuple[str, object], ...]
 
     def constexprs(self) -> str:
-        """`NAME=value ...` of the keyword constexprs, booleans as 0/1."""
-        return ' '.join(f'{k}={int(v) if isinstance(v, bool) else v}' for k, v in self.kwargs if k.isupper())
+        """`NAME=value ...` of the keyword arguments, booleans as 0/1."""
+        return ' '.join(f'{k}={int(v) if isinstance(v, bool) else v}' for k, v in self.kwargs)
 
     def options(self) -> Dict[str, object]:
-        return {k: v for k, v in self.kwargs if not k.isupper()}
+        return dict(self.launch_options)
 
 
 @dataclass
@@ -187,14 +189,18 @@ def _plain(value):
 class _Recorder:
     """Stands in for a kernel: `kernel[grid](*args, **kwargs)` (or `kernel.run`) records a Launch."""
 
-    def __init__(self, name: str, records: List[Launch]):
-        self.name, self.records = name, records
+    def __init__(self, name: str, arg_names: Sequence[str], records: List[Launch]):
+        self.name, self.arg_names, self.records = name, set(arg_names), records
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.run(*args, grid=grid, **kwargs)
 
     def run(self, *args, grid=None, warmup=False, **kwargs):
-        self.records.append(Launch(self.name, _plain(args), tuple(sorted((k, _plain(v)) for k, v in kwargs.items()))))
+        def sorted_plain(items) -> tuple:
+            return tuple(sorted((k, _plain(v)) for k, v in items))
+        self.records.append(Launch(self.name, _plain(args),
+                                   sorted_plain((k, v) for k, v in kwargs.items() if k in self.arg_names),
+                                   sorted_plain((k, v) for k, v in kwargs.items() if k not in self.arg_names)))
 
 
 @contextlib.contextmanager
@@ -209,7 +215,7 @@ def _recording() -> Iterator[List[Launch]]:
             for name, kernel in kernels.items():
                 if value is kernel:
                     swapped.append((module, attr, value))
-                    setattr(module, attr, _Recorder(name, records))
+                    setattr(module, attr, _Recorder(name, kernel.arg_names, records))
     try:
         yield records
     finally:
@@ -287,7 +293,7 @@ def _as_on_cuda(launch: Launch, dtype: str, tf32: bool) -> Launch:
     """The launch fused makes on CUDA where it made `launch` on the CPU (see CUDA_SETTINGS)."""
     kwargs = dict(launch.kwargs)
     kwargs.update({name: setting(dtype, tf32) for name, setting in CUDA_SETTINGS.items() if name in kwargs})
-    return Launch(launch.kernel, launch.args, tuple(sorted(kwargs.items())))
+    return Launch(launch.kernel, launch.args, tuple(sorted(kwargs.items())), launch.launch_options)
 
 
 @contextlib.contextmanager
@@ -319,14 +325,15 @@ def _shapes_only() -> Iterator[Optional[object]]:
 def capture(case: str, dtypes: Sequence[str] = DTYPES, batch: int = 1, tf32: bool = False) -> Dict[str, List[Launch]]:
     """The distinct launches of one forward and backward of a case in each dtype (fp16/bf16 through
     autocast, as training runs), as fused would make them on CUDA (tf32: with TF32 matmuls allowed).
-    One real forward builds the index maps (their values matter); the recorded runs then compute
-    shapes only (see `_shapes_only`)."""
+    One real forward of one image builds the index maps (their values matter, and they do not depend
+    on the batch); the recorded runs then compute shapes only (see `_shapes_only`), so that the batch
+    costs nothing."""
     torch.manual_seed(0)
     model, images = build_case(case, batch)
     launches = {}
     with _recording() as records, _fused_backend_on_cpu():
         with torch.no_grad():
-            model(images)
+            model(images[:1])
         for dtype in dtypes:
             records.clear()
             with _shapes_only() as mode:
@@ -393,7 +400,7 @@ def jit_source(launch: Launch, arch: int):
     driver.set_active(_TargetDriver(GPUTarget('cuda', arch, 32)))
     triton.compiler.compile = kernel.compile = _stop_at_compile  # the binder, made now or before, calls one
     try:
-        kernel.run(*args, grid=(1,), warmup=True, **dict(launch.kwargs))
+        kernel.run(*args, grid=(1,), warmup=True, **dict(launch.kwargs), **launch.options())
     except _WouldCompile as stop:
         return stop.args
     finally:
@@ -511,7 +518,7 @@ def _configuration_key(launch: Launch, arch: int) -> str:
     """What a launch compiles to up to the JIT's integer and alignment hints: kernel, constexprs,
     launch options and pointer element types."""
     pointers = [a.dtype for a in launch.args if isinstance(a, TensorArg)]
-    return f'{arch} {launch.kernel} {launch.kwargs} {pointers}'
+    return f'{arch} {launch.kernel} {launch.kwargs} {launch.launch_options} {pointers}'
 
 
 def _capture_run(run: tuple):
