@@ -65,7 +65,8 @@ class Sizes:
     """What differs between the GPU run and the dry run."""
     batch: int  # speed rows
     img: int
-    op_batch: int  # attention-op checks
+    op_img: int  # attention-op checks: every stage map at least 2x2 (a 1x1 one is no model's at 224 px)
+    op_batch: int
     step_batch: int  # training-step checks
     backbone_batch: int
     backbone_size: Tuple[int, int]
@@ -75,10 +76,10 @@ class Sizes:
     compile_backend: str
 
 
-GPU = Sizes(batch=128, img=224, op_batch=4, step_batch=8, backbone_batch=2, backbone_size=(800, 1333), warmup=5,
-            iters=20, architectures={}, compile_backend='inductor')
-DRY = Sizes(batch=1, img=64, op_batch=1, step_batch=1, backbone_batch=1, backbone_size=(32, 48), warmup=0, iters=1,
-            architectures=TINY, compile_backend='eager')
+GPU = Sizes(batch=128, img=224, op_img=224, op_batch=4, step_batch=8, backbone_batch=2, backbone_size=(800, 1333),
+            warmup=5, iters=20, architectures={}, compile_backend='inductor')
+DRY = Sizes(batch=1, img=32, op_img=64, op_batch=1, step_batch=1, backbone_batch=1, backbone_size=(32, 48),
+            warmup=0, iters=1, architectures=TINY, compile_backend='eager')
 
 
 @dataclass
@@ -194,8 +195,8 @@ def float64_copy(inputs: dict) -> dict:
 def attention_op_rows(sizes: Sizes, device: torch.device, log: Log) -> List[Row]:
     rows = []
     for model_index, label in enumerate(('Focal-T', 'Focal-B')):
-        model = make(label, sizes, num_classes=0).to(device)
-        maps = stage_map_sizes(model, sizes.img, device)
+        model = make(label, sizes, num_classes=0, img_size=sizes.op_img).to(device)
+        maps = stage_map_sizes(model, sizes.op_img, device)
         for dtype_index, (dtype, bound) in enumerate(((torch.float32, 1e-4), (torch.bfloat16, 2e-2))):
             short = str(dtype).replace('torch.', '').replace('float', 'fp').replace('bfp', 'bf')
             errors: Dict[str, Dict[str, float]] = {'sdpa': {}, 'fused': {}}
@@ -375,16 +376,14 @@ def compiled_rows(sizes: Sizes, device: torch.device, log: Log, measured: dict) 
     torch.manual_seed(0)
     model = make('Focal-T', sizes, attn_backend='fused', num_classes=1000).to(device).train()
     images = torch.randn(sizes.batch, 3, sizes.img, sizes.img, device=device)
-    with torch.no_grad():
-        model(images)  # blocks remember their layouts, which the compiled graphs then read (see the log)
     runner = torch.compile(model, backend=sizes.compile_backend)
     rows = []
 
     def step_row() -> List[Row]:
-        step_outputs(model, runner, images, torch.bfloat16)  # compiles (tracing may draw random numbers)
         torch.manual_seed(12)
-        eager = step_outputs(model, model, images, torch.bfloat16)
-        torch.manual_seed(12)
+        eager = step_outputs(model, model, images, torch.bfloat16)  # blocks remember their layouts here, and
+        step_outputs(model, runner, images, torch.bfloat16)  # the graphs compiled now read those
+        torch.manual_seed(12)  # after compiling, which may draw random numbers: the same drop-path draws as eager
         outputs = step_outputs(model, runner, images, torch.bfloat16)
         errors = compare_step(outputs, eager)
         overall = relative_error(torch.cat([g.flatten().float() for g in outputs[1].values()]),
