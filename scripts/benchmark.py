@@ -6,16 +6,25 @@ CPU: fp32. CUDA: bf16 autocast, eager and (with --compile) torch.compile'd.
     python scripts/benchmark.py                       # CPU, batch 8, all three sizes
     python scripts/benchmark.py --device cuda --batch-size 128 --compile
     python scripts/benchmark.py --sizes tiny --mode inference --iters 20
-    python scripts/benchmark.py --device cuda --sizes tiny --attn-backend fused sdpa   # one row each
+    python scripts/benchmark.py --device cuda --sizes tiny --attn-backend fused sdpa --swin-sdpa
 
---attn-backend sets the Focal models' attention backend (see models/focal_attention): 'auto' runs
-SDPA except on GPU architectures where the fused kernel was verified (none yet), 'fused' the Triton
-kernel. scripts/benchmark_attention.py times the attention op alone.
+--attn-backend sets the Focal models' attention backend (see models/focal_attention: 'auto' runs SDPA
+except on GPU architectures where the fused kernel was verified, none yet); the table says
+which backend each Focal row actually ran, read from the model. --swin-sdpa gives timm's Swin its
+SDPA attention (TIMM_FUSED_ATTN=2 does the same); by default timm's Swin computes attention unfused.
+scripts/benchmark_attention.py times the attention op alone; scripts/gpu_checks.sh runs every GPU
+check and timing in one call.
+
+Times are the median of --iters steps, each timed with CUDA events (CPU: a clock), after --warmup
+steps; the peak memory is read in one more step of its own: what CUDA allocated for tensors on a
+GPU, the process's peak resident set (weights, imports and allocator caches included) on a CPU.
 """
 import argparse
 import multiprocessing
 import os
 import platform
+import resource
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -27,10 +36,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import timm  # noqa: E402
-from timm.layers import use_fused_attn  # noqa: E402
+import timm.layers  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the focal_* models with timm)
-from engine import memory_used_mb  # noqa: E402
+from models.focal_attention.aot import backends_in_use  # noqa: E402  (models.focal_attention's at merge)
 
 T = TypeVar('T')
 
@@ -44,58 +53,126 @@ PAIRS = {
 @dataclass
 class Measurement:
     images_per_s: float
-    peak_mib: float
+    peak_mib: float  # see `peak_mib`
+    attention: str  # what the model's attention ran (see `attention_in_use`)
 
 
-def measure(step: Callable[[], None], device: torch.device, batch_size: int, warmup: int, iters: int) -> Measurement:
-    """Images per second over `iters` calls of `step` after `warmup` calls, and the peak memory
-    (CUDA: allocated by tensors; CPU: the process's resident set, weights and imports included)
-    during warm-up and timed calls."""
+def median_seconds(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
+    """Median time of one call of `step` over `iters` calls after `warmup` calls: each call between
+    two CUDA events on a GPU (launch gaps included, as a training loop has them), a clock on a CPU."""
     for _ in range(warmup):
         step()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
+    if device.type != 'cuda':
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    torch.cuda.synchronize(device)
+    for start, end in events:
+        start.record()
         step()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    return Measurement(batch_size * iters / elapsed, memory_used_mb(device))
+        end.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(start.elapsed_time(end) for start, end in events) / 1e3
+
+
+def peak_mib(step: Callable[[], None], device: torch.device) -> float:
+    """CUDA memory allocated at the peak of one call of `step` (weights, gradients and optimizer
+    state included); on a CPU the process's peak resident set so far (imports and caches too:
+    meaningful in a fresh process)."""
+    if device.type != 'cuda':
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20
+
+
+def training_step(runner: Callable, images: torch.Tensor, dtype: Optional[torch.dtype],
+                  loss_fn: Callable[[object], torch.Tensor], optimize: bool, parameters) -> Callable[[], None]:
+    """One AdamW step over `parameters` of `runner` (a model or its compiled version) on `images`
+    under autocast to `dtype`; optimize=False: forward and backward only."""
+    parameters = list(parameters)
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4) if optimize else None
+
+    def step() -> None:
+        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+            loss = loss_fn(runner(images))
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+        for p in parameters:
+            p.grad = None
+    return step
+
+
+def inference_step(model: torch.nn.Module, images: torch.Tensor, dtype: Optional[torch.dtype]) -> Callable[[], None]:
+    def step() -> None:
+        with torch.inference_mode(), torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+            model(images)
+    return step
+
+
+def attention_in_use(model: torch.nn.Module) -> str:
+    """What the model's attention ran: the focal backends its layers last ran, or for timm models
+    whether their attention modules use SDPA (timm's `fused_attn`, decided at construction)."""
+    focal = backends_in_use(model)
+    if focal:
+        return '+'.join(sorted(focal))
+    flags = {m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn')}
+    return {frozenset([True]): 'timm sdpa', frozenset([False]): 'timm unfused'}.get(frozenset(flags), 'timm mixed')
+
+
+def create(name: str, attn_backend: Optional[str] = None, swin_sdpa: bool = False, **kwargs) -> torch.nn.Module:
+    """A timm model; attn_backend for Focal models; swin_sdpa: timm attention through SDPA (timm
+    decides it when a model is built, from TIMM_FUSED_ATTN or `set_fused_attn`)."""
+    if attn_backend:
+        kwargs['attn_backend'] = attn_backend
+    if not swin_sdpa or timm.layers.use_fused_attn(experimental=True):
+        return timm.create_model(name, **kwargs)
+    was_on = timm.layers.use_fused_attn()
+    timm.layers.set_fused_attn(True, experimental=True)
+    try:
+        return timm.create_model(name, **kwargs)
+    finally:
+        timm.layers.set_fused_attn(was_on)
+
+
+def measure(model: torch.nn.Module, mode: str, images: torch.Tensor, dtype: Optional[torch.dtype],
+            compiled: bool, warmup: int, iters: int, loss_fn: Optional[Callable] = None,
+            optimize: bool = True, runner: Optional[Callable] = None) -> Measurement:
+    """Images per second and peak memory of training steps ('train'; loss_fn of the output, default
+    cross-entropy against random labels; optimize=False: no optimizer step) or inference
+    ('inference') of `model` on `images`. runner: what to call instead of the model (a compiled
+    version of it; `compiled` makes one)."""
+    device = images.device
+    if runner is None:
+        runner = torch.compile(model) if compiled else model
+    if mode == 'inference':
+        model.eval()
+        step = inference_step(runner, images, dtype)
+    else:
+        model.train()
+        if loss_fn is None:
+            labels = torch.randint(0, model.num_classes, (images.shape[0],), device=device)
+            loss_fn = lambda logits: F.cross_entropy(logits, labels)  # noqa: E731
+        step = training_step(runner, images, dtype, loss_fn, optimize, model.parameters())
+    seconds = median_seconds(step, device, warmup, iters)
+    return Measurement(images.shape[0] / seconds, peak_mib(step, device), attention_in_use(model))
 
 
 def benchmark_model(name: str, mode: str, args: argparse.Namespace, device: torch.device,
                     dtype: Optional[torch.dtype], compiled: bool, attn_backend: Optional[str] = None) -> Measurement:
-    """Runs in a fresh process (see `in_fresh_process`), so the peak memory is this model's.
-    attn_backend: for Focal models."""
+    """Runs in a fresh process (see `in_fresh_process`), so no memory or compiled state of the
+    previous model is left. attn_backend: for Focal models."""
     torch.set_num_threads(args.threads)
-    kwargs = dict(attn_backend=attn_backend) if attn_backend else {}
-    model = timm.create_model(name, num_classes=1000, **kwargs).to(device)
-    runner = torch.compile(model) if compiled else model
+    model = create(name, attn_backend, swin_sdpa=args.swin_sdpa, num_classes=1000).to(device)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    labels = torch.randint(0, 1000, (args.batch_size,), device=device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-    if mode == 'inference':
-        model.eval()
-
-        def step() -> None:
-            with torch.inference_mode(), autocast:
-                runner(images)
-    else:
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step() -> None:
-            with autocast:
-                loss = F.cross_entropy(runner(images), labels)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-    return measure(step, device, args.batch_size, args.warmup, args.iters)
+    return measure(model, mode, images, dtype, compiled, args.warmup, args.iters)
 
 
 def in_fresh_process(function: Callable[..., T], *args) -> T:
@@ -103,12 +180,6 @@ def in_fresh_process(function: Callable[..., T], *args) -> T:
     the previous model."""
     with multiprocessing.get_context('spawn').Pool(1) as pool:
         return pool.apply(function, args)
-
-
-def swin_attention() -> str:
-    """How timm's Swin computes attention in this process (and in the spawned ones, which
-    inherit the environment): its SDPA path is opt-in, with TIMM_FUSED_ATTN=2."""
-    return 'SDPA' if use_fused_attn(experimental=True) else 'unfused (timm default; TIMM_FUSED_ATTN=2 for SDPA)'
 
 
 def machine_description(device: torch.device) -> str:
@@ -130,6 +201,7 @@ def main() -> None:
     parser.add_argument('--threads', type=int, default=torch.get_num_threads(), help='CPU threads')
     parser.add_argument('--attn-backend', nargs='+', choices=['auto', 'sdpa', 'fused'], default=['auto'],
                         help='Focal attention backends to measure (a row each)')
+    parser.add_argument('--swin-sdpa', action='store_true', help="timm's Swin with SDPA attention")
     args = parser.parse_args()
     device = torch.device(args.device)
     on_cuda = device.type == 'cuda'
@@ -143,12 +215,11 @@ def main() -> None:
     variants: List[bool] = [False, True] if args.compile else [False]
 
     print(f'machine: {machine_description(device)}; batch {args.batch_size}, {args.img_size}px, '
-          f'{"bf16 autocast" if dtype else f"fp32, {args.threads} threads"}; each measurement in a fresh process; '
-          f'Swin attention {swin_attention()}')
+          f'{"bf16 autocast" if dtype else f"fp32, {args.threads} threads"}; each measurement in a fresh process')
     print()
-    print('| model | mode | compiled | focal attention | focal img/s | swin img/s | focal/swin | focal peak MiB '
-          '| swin peak MiB | peak ratio |')
-    print('| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |')
+    print('| model | mode | compiled | focal attention (ran) | swin attention | focal img/s | swin img/s | focal/swin '
+          '| focal peak MiB | swin peak MiB | peak ratio |')
+    print('| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |')
     for size in args.sizes:
         focal, swin = PAIRS[size]
         for mode in args.mode:
@@ -157,8 +228,9 @@ def main() -> None:
                 for backend in args.attn_backend:
                     f = in_fresh_process(benchmark_model, focal, mode, args, device, dtype, compiled, backend)
                     peak = f'{f.peak_mib:.0f} | {s.peak_mib:.0f} | {f.peak_mib / s.peak_mib:.2f}'
-                    print(f'| {size} | {mode} | {"yes" if compiled else "no"} | {backend} | {f.images_per_s:.1f} | '
-                          f'{s.images_per_s:.1f} | {f.images_per_s / s.images_per_s:.2f} | {peak} |', flush=True)
+                    print(f'| {size} | {mode} | {"yes" if compiled else "no"} | {backend} ({f.attention}) | '
+                          f'{s.attention} | {f.images_per_s:.1f} | {s.images_per_s:.1f} | '
+                          f'{f.images_per_s / s.images_per_s:.2f} | {peak} |', flush=True)
 
 
 if __name__ == '__main__':

@@ -99,7 +99,8 @@ def main() -> None:
     print(f'{args.model} attention op, batch {batch}, {args.img_size}px, {dtype}, '
           f'{torch.cuda.get_device_name(device) if on_cuda else "CPU"}, torch {torch.__version__}')
     print()
-    print('| stage | windows x keys | backend | fwd ms | fwd+bwd ms | fwd+bwd peak MiB | rel. err out / dqkv / dpooled / dbias |')
+    print('| stage | windows x keys | backend | fwd ms | fwd+bwd ms | fwd+bwd peak MiB '
+          '| rel. err out / dqkv / dpooled / dbias |')
     print('| --- | --- | --- | ---: | ---: | ---: | --- |')
     size = args.img_size // 4
     for stage_index, stage in enumerate(model.layers):
