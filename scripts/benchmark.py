@@ -39,7 +39,8 @@ import timm  # noqa: E402
 import timm.layers  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the focal_* models with timm)
-from models.focal_attention.aot import backends_in_use  # noqa: E402  (models.focal_attention's at merge)
+from models.focal_attention import backends_in_use  # noqa: E402
+
 
 T = TypeVar('T')
 

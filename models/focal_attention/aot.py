@@ -153,14 +153,6 @@ def triton_compiles(arch: int, dtype: str, version: Optional[str] = None) -> boo
     return installed >= COMPILES_FROM.get((arch, dtype), (3, 0))
 
 
-def backends_in_use(model: torch.nn.Module) -> set:
-    """The backends ('sdpa', 'fused') the model's focal attention layers last ran.
-    Stand-in until `models.focal_attention.backends_in_use` exists (the resolver's rewrite, issue 16):
-    replace it by that import at merge."""
-    from models.focal_transformer import FocalWindowAttention
-    return {m._chosen[1] for m in model.modules() if isinstance(m, FocalWindowAttention) and m._chosen[1]}
-
-
 # ---- capture (in a worker) ----------------------------------------------------------------------
 
 def _kernels() -> Dict[str, object]:
@@ -229,13 +221,14 @@ def _fused_backend_on_cpu() -> Iterator[None]:
     interpreter counts as a device and the installed Triton as fine. Input checks (window and head
     sizes, dtypes) still apply, as on a GPU."""
     from . import fused
-    saved_env, saved_reason = os.environ.get('TRITON_INTERPRET'), fused.triton_unavailable_reason
+    saved_env = os.environ.get('TRITON_INTERPRET')
+    saved = fused.triton_unavailable_reason, fused.interpreter_unavailable_reason
     os.environ['TRITON_INTERPRET'] = '1'
-    fused.triton_unavailable_reason = lambda: None
+    fused.triton_unavailable_reason = fused.interpreter_unavailable_reason = lambda: None
     try:
         yield
     finally:
-        fused.triton_unavailable_reason = saved_reason
+        fused.triton_unavailable_reason, fused.interpreter_unavailable_reason = saved
         if saved_env is None:
             os.environ.pop('TRITON_INTERPRET')
         else:
@@ -328,6 +321,7 @@ def capture(case: str, dtypes: Sequence[str] = DTYPES, batch: int = 1, tf32: boo
     One real forward of one image builds the index maps (their values matter, and they do not depend
     on the batch); the recorded runs then compute shapes only (see `_shapes_only`), so that the batch
     costs nothing."""
+    from . import backends
     torch.manual_seed(0)
     model, images = build_case(case, batch)
     launches = {}
@@ -343,7 +337,7 @@ def capture(case: str, dtypes: Sequence[str] = DTYPES, batch: int = 1, tf32: boo
                 outputs = list(out.values()) if isinstance(out, dict) else [out]
                 sum(o.float().sum() for o in outputs).backward()
                 model.zero_grad(set_to_none=True)
-            ran = backends_in_use(model)
+            ran = backends.backends_in_use(model)
             if ran != {'fused'}:
                 raise CaptureError(f'{case} {dtype}: its focal attention ran {sorted(ran) or "nothing"}, not only the '
                                    'fused kernels, so launches would be missing (the log of models.focal_attention '
