@@ -10,7 +10,7 @@ import torch
 
 from conftest import MICRO_FOCAL, REPO_ROOT
 from models import FocalTransformer
-from models.focal_attention.aot import backends_in_use
+from models.focal_attention import backends_in_use
 
 ROWS_PER_PART = {'correctness': 6, 'speed': 12, 'compiled': 3, 'backbone': 3}
 
