@@ -25,9 +25,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import timm  # noqa: E402
+import timm.layers  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the focal_* models with timm)
-from benchmark import PAIRS, in_fresh_process, swin_attention  # noqa: E402
+from benchmark import PAIRS, in_fresh_process  # noqa: E402
 from models.focal_attention.input_saving import input_saving_sdpa  # noqa: E402
 
 
@@ -44,6 +45,12 @@ def allocated_bytes() -> int:
     libc.mallinfo2.restype = MallInfo2
     info = libc.mallinfo2()
     return info.uordblks + info.hblkhd
+
+
+def swin_attention() -> str:
+    """How timm's Swin computes attention here and in the spawned processes, which inherit the
+    environment: its SDPA path is opt-in, with TIMM_FUSED_ATTN=2."""
+    return 'SDPA' if timm.layers.use_fused_attn(experimental=True) else 'unfused (timm default; TIMM_FUSED_ATTN=2 for SDPA)'
 
 
 def activation_mib(name: str, batch_size: int, img_size: int) -> float:
