@@ -397,7 +397,8 @@ class FocalTransformer(nn.Module):
         img_size = to_2tuple(img_size)
         self.patches_resolution = (img_size[0] // patch_size, img_size[1] // patch_size)
         if ape:
-            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.patches_resolution[0] * self.patches_resolution[1], embed_dim))
+            num_patches = self.patches_resolution[0] * self.patches_resolution[1]
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=.02)
         self.pos_drop = nn.Dropout(p=drop_rate)
 
@@ -502,7 +503,8 @@ class FocalTransformer(nn.Module):
         last = max_index if stop_early else len(self.layers) - 1
         intermediates = []
         x, height, width = self.stem(x)
-        for i, stage in zip(range(last + 1), self.layers):  # no ModuleList slice: PyTorch 2.4's torch.export fails on it
+        # no ModuleList slice: PyTorch 2.4's torch.export fails on it
+        for i, stage in zip(range(last + 1), self.layers):
             x = stage(x, height, width)
             if i in take_indices:
                 y = self.norm(x) if norm and i == len(self.layers) - 1 else x
@@ -569,7 +571,8 @@ def _adapt_tensor(name: str, value: torch.Tensor, target: torch.Tensor) -> Optio
         old_side, side = math.isqrt(value[0].numel()), math.isqrt(target[0].numel())
         if value.shape[0] == target.shape[0] and old_side * old_side == value[0].numel():
             resized = _resize_square(value.reshape(-1, old_side, old_side), side) * (old_side / side) ** 2
-            return resized.reshape(target.shape)  # rescaled by the area ratio: a pooling window keeps about its total weight
+            # rescaled by the area ratio: a pooling window keeps about its total weight
+            return resized.reshape(target.shape)
     return None
 
 
@@ -617,7 +620,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
         else:
             adapted = None if name.endswith('_to_neighbors') else _adapt_tensor(name, value, wanted)
             if adapted is not None:
-                _logger.info('checkpoint %s resized from %s to %s (bicubic)', name, tuple(value.shape), tuple(wanted.shape))
+                _logger.info('checkpoint %s resized from %s to %s (bicubic)',
+                             name, tuple(value.shape), tuple(wanted.shape))
                 result[name] = adapted.to(wanted.dtype)
             elif name.endswith('_to_neighbors'):
                 _logger.info('checkpoint %s %s does not fit %s (another window or expand size): kept at init',
@@ -651,7 +655,8 @@ def _create_focal(variant: str, pretrained: bool = False, **kwargs) -> FocalTran
     return build_model_with_cfg(
         FocalTransformer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),  # stages need (H, W): use forward_intermediates
+        # stages need (H, W): features come from forward_intermediates
+        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
         **kwargs)
 
 
@@ -698,14 +703,17 @@ def focal_base_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTr
 
 @register_model
 def focal_tiny_useconv_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
-    return _create_focal('focal_tiny_useconv_patch4_window7_224', pretrained, **dict(TINY, use_conv_embed=True, **kwargs))
+    return _create_focal('focal_tiny_useconv_patch4_window7_224', pretrained,
+                         **dict(TINY, use_conv_embed=True, **kwargs))
 
 
 @register_model
 def focal_small_useconv_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
-    return _create_focal('focal_small_useconv_patch4_window7_224', pretrained, **dict(SMALL, use_conv_embed=True, **kwargs))
+    return _create_focal('focal_small_useconv_patch4_window7_224', pretrained,
+                         **dict(SMALL, use_conv_embed=True, **kwargs))
 
 
 @register_model
 def focal_base_useconv_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
-    return _create_focal('focal_base_useconv_patch4_window7_224', pretrained, **dict(BASE, use_conv_embed=True, **kwargs))
+    return _create_focal('focal_base_useconv_patch4_window7_224', pretrained,
+                         **dict(BASE, use_conv_embed=True, **kwargs))

@@ -50,7 +50,9 @@ def allocated_bytes() -> int:
 def swin_attention() -> str:
     """How timm's Swin computes attention here and in the spawned processes, which inherit the
     environment: its SDPA path is opt-in, with TIMM_FUSED_ATTN=2."""
-    return 'SDPA' if timm.layers.use_fused_attn(experimental=True) else 'unfused (timm default; TIMM_FUSED_ATTN=2 for SDPA)'
+    if timm.layers.use_fused_attn(experimental=True):
+        return 'SDPA'
+    return 'unfused (timm default; TIMM_FUSED_ATTN=2 for SDPA)'
 
 
 def activation_mib(name: str, batch_size: int, img_size: int) -> float:
@@ -75,7 +77,8 @@ def main() -> None:
     args = parser.parse_args()
     allocated_bytes()  # fail here, not in a worker process, where glibc cannot count allocations
     print(f'activations kept for backward: batch {args.batch_size}, {args.img_size}px, bf16 autocast, '
-          f'SDPA replaced by a stand-in that saves its inputs as fused CUDA kernels do; Swin attention {swin_attention()}')
+          'SDPA replaced by a stand-in that saves its inputs as fused CUDA kernels do; '
+          f'Swin attention {swin_attention()}')
     print()
     print('| model | focal MiB | swin MiB | focal/swin |')
     print('| --- | ---: | ---: | ---: |')

@@ -62,7 +62,8 @@ def build_detectors(num_classes: int, height: int, width: int, variant: str = 'f
             'mask_rcnn': MaskRCNN(mask_fpn, num_classes, **size)}
 
 
-def train_step(model: nn.Module, images: List[torch.Tensor], targets: List[Target], lr: float = 1e-4) -> Dict[str, float]:
+def train_step(model: nn.Module, images: List[torch.Tensor], targets: List[Target],
+               lr: float = 1e-4) -> Dict[str, float]:
     """One AdamW step on the summed detection losses; returns each loss. Gradients stay in `.grad`."""
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)

@@ -124,7 +124,8 @@ def test_imagenet_224_checkpoint_loads_with_logged_adaptations(caplog):
     backbone = micro_backbone()
     with caplog.at_level(logging.INFO):
         backbone.load_checkpoint(classifier.state_dict())
-    assert 'checkpoint lacks layers.3.blocks.0.attn.relative_position_bias_table_to_neighbors: kept at init' in caplog.text
+    missing = 'layers.3.blocks.0.attn.relative_position_bias_table_to_neighbors'
+    assert f'checkpoint lacks {missing}: kept at init' in caplog.text
     assert 'head.weight (1000, 128) is not used' in caplog.text
     for name, value in classifier.state_dict().items():
         if name.startswith('layers.0.'):

@@ -30,7 +30,7 @@ OFFICIAL_FOCAL_YAML = """MODEL:
     FOCAL_STAGES: [0, 1, 2, 3]
     FOCAL_LEVELS: [2, 2, 2, 2]
     FOCAL_WINDOWS: [7, 5, 3, 1]
-    EXPAND_SIZES: [3, 3, 3, 3]        """
+    EXPAND_SIZES: [3, 3, 3, 3]        """  # noqa: W291 (the official files' trailing spaces)
 
 OFFICIAL_VARIANTS = {
     'tiny': dict(drop_path=0.2, embed_dim=96, depths=[2, 2, 6, 2], heads=[3, 6, 12, 24]),

@@ -85,7 +85,8 @@ def test_filter_reinitialises_head_of_another_class_count(caplog):
         state = checkpoint_filter_fn(golden['state_dict'], model)
     model.load_state_dict(state, strict=True)
     assert torch.equal(model.head.weight, init_head)
-    assert torch.equal(model.layers[0].blocks[0].attn.qkv.weight, golden['state_dict']['layers.0.blocks.0.attn.qkv.weight'])
+    qkv_weight = golden['state_dict']['layers.0.blocks.0.attn.qkv.weight']
+    assert torch.equal(model.layers[0].blocks[0].attn.qkv.weight, qkv_weight)
     assert 'head.weight' in caplog.text and 're-initialised' in caplog.text
 
 

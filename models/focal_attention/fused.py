@@ -89,7 +89,8 @@ def unavailable_reason(qkv: torch.Tensor, layout: WindowLayout, num_heads: int, 
         return missing
     interpreting = allow_interpreter and os.environ.get('TRITON_INTERPRET') == '1'
     if qkv.device.type != 'cuda' and not (interpreting and qkv.device.type == 'cpu'):
-        return f'inputs on {qkv.device.type} (it needs CUDA{", or TRITON_INTERPRET=1 on the CPU" if allow_interpreter else ""})'
+        or_interpreter = ', or TRITON_INTERPRET=1 on the CPU' if allow_interpreter else ''
+        return f'inputs on {qkv.device.type} (it needs CUDA{or_interpreter})'
     if qkv.dtype not in DTYPES:
         return f'dtype {qkv.dtype}'
     if layout.window_area > MAX_WINDOW_AREA:

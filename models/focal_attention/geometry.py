@@ -75,7 +75,8 @@ def pooled_key_size(focal_window: int, level: int) -> int:
     return focal_window + 2 ** level - 1
 
 
-def pooled_neighbourhood(num_windows: Tuple[int, int], focal_window: int, level: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def pooled_neighbourhood(num_windows: Tuple[int, int], focal_window: int,
+                         level: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Flat positions in the pooled map of level k of each window's pooled keys, and whether each
     lies inside the map. The pooled map has (nWh * 2^k, nWw * 2^k) tokens; window (wy, wx) sees the
     pooled_key_size(fw, k)^2 tokens starting at (wy * 2^k - pad, wx * 2^k - pad), the neighbourhood
@@ -296,8 +297,8 @@ class WindowLayout:
             self.unshift_gather = restored.flatten().to(device)
         index = self.key_index.long()
         self.fine_users = KeyUsers(index.masked_fill(index >= self.num_fine, -1), self.num_fine)
-        self.pooled_users = KeyUsers((index - self.num_fine).masked_fill((index < self.num_fine) | (index == zero_token), -1),
-                                     zero_token - self.num_fine)
+        not_pooled = (index < self.num_fine) | (index == zero_token)
+        self.pooled_users = KeyUsers((index - self.num_fine).masked_fill(not_pooled, -1), zero_token - self.num_fine)
         self.backend_choices: Dict[tuple, str] = {}
 
     def region_mask(self) -> torch.Tensor:
@@ -307,8 +308,8 @@ class WindowLayout:
 
     def nbytes(self) -> int:
         """Bytes held by the layout's tensors."""
-        tensors = [self.key_index, self.key_mask, self.regions, self.shift_gather, self.unshift_gather, self.fine_users.offsets,
-                   self.fine_users.slots, self.pooled_users.offsets, self.pooled_users.slots]
+        tensors = [self.key_index, self.key_mask, self.regions, self.shift_gather, self.unshift_gather,
+                   self.fine_users.offsets, self.fine_users.slots, self.pooled_users.offsets, self.pooled_users.slots]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
