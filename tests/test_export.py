@@ -15,7 +15,7 @@ from conftest import REPO_ROOT, error_line, write_micro_config
 from config import load_config
 from models import FocalTransformer, build_model
 from models.focal_attention import choose_backend, clear_layout_cache, window_layout
-from models.focal_attention.fused import triton_unavailable_reason
+from models.focal_attention.fused import interpreter_unavailable_reason
 
 sys.path.insert(0, os.path.join(REPO_ROOT, 'scripts'))
 import export_onnx  # noqa: E402
@@ -134,7 +134,7 @@ def test_fused_backend_is_exported_through_sdpa(tmp_path):
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(images)
-    if triton_unavailable_reason() is None:
+    if interpreter_unavailable_reason() is None:
         attention = model.layers[0].blocks[0].attn
         qkv = torch.zeros(1, 64, 3 * attention.dim)
         assert choose_backend('fused', qkv, window_layout(8, 8, attention.geometry, qkv.device), 1) == 'fused'
