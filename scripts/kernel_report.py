@@ -38,8 +38,7 @@ def table(summary: aot.Summary) -> str:
     for c in sorted(summary.compiled, key=lambda c: (c.launch.kernel, c.arch, c.uses[0], c.launch.constexprs())):
         head = f'| {c.launch.kernel} | {c.arch} | {c.launch.constexprs()} | {c.launch.options().get("num_warps", "")} |'
         if c.error:
-            known = '' if aot.triton_compiles(c.arch, c.dtype) else ' (known: aot.COMPILES_FROM)'
-            rows.append(f'{head} COMPILE FAILED{known}: {c.error.splitlines()[-1][:100]} |||||||| {c.cpu_s:.1f} | '
+            rows.append(f'{head} COMPILE FAILED: {c.error.splitlines()[-1][:100]} |||||||| {c.cpu_s:.1f} | '
                         f'{", ".join(c.uses)} |')
             continue
         s = c.stats

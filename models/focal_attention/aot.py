@@ -56,13 +56,6 @@ SHORT_DTYPE = {'float32': 'fp32', 'float16': 'fp16', 'bfloat16': 'bf16'}
 # launch passes is an error (`capture`).
 CUDA_SETTINGS = {'UPCAST': lambda dtype, tf32: False,
                  'PRECISION': lambda dtype, tf32: 'tf32' if dtype != 'float32' or tf32 else 'ieee'}
-# The first Triton that compiles every launch of the checked models, by architecture and dtype, where
-# it is not the oldest supported one (3.0), as tests/test_kernel_compile.py finds it. Triton 3.0 to
-# 3.2 stop in their pass manager ('arith.select' operands of mismatched layouts, from the key-block
-# loads; 'operation scheduled before its operands') on sm_80 in every dtype, and on sm_90 for fp32
-# and for the window-14 backward in fp16/bf16; 3.3 to 3.8 compile all. A fact for the fused
-# backend's gate (issue 16): it belongs there once the gate reads it.
-COMPILES_FROM = {(arch, dtype): (3, 3) for arch in (80, 90) for dtype in DTYPES}
 # Shared memory one program may use (the opt-in limit per block), by compute capability: Triton
 # refuses to load a kernel that asks for more (OutOfResources), so it is a compile failure here.
 MAX_SHARED_BYTES = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448,
@@ -141,16 +134,6 @@ class Summary:
                 f'{"kernels" if self.exact else "configurations"} x architectures compiled; {self.wall_s:.0f} s wall, '
                 f'{self.cpu_s:.0f} s CPU (capture '
                 f'{self.capture_cpu_s:.0f} s, compile {self.compile_cpu_s():.0f} s, the rest start-up)')
-
-
-def triton_compiles(arch: int, dtype: str, version: Optional[str] = None) -> bool:
-    """Whether Triton `version` (default: the installed one) compiles the fused kernels for sm_<arch>
-    in `dtype`, by COMPILES_FROM."""
-    if version is None:
-        import triton
-        version = triton.__version__
-    installed = tuple(int(part) for part in re.findall(r'\d+', version)[:2])
-    return installed >= COMPILES_FROM.get((arch, dtype), (3, 0))
 
 
 # ---- capture (in a worker) ----------------------------------------------------------------------

@@ -86,7 +86,8 @@ def _key_block_scores(q_scaled, q_region, qkv_base, pooled_base, bias_tile, key_
     k = tl.load(key_rows[:, None] + dims[None, :], mask=mask, other=0.)
     v = tl.load(key_rows[:, None] + CHANNELS + dims[None, :], mask=mask, other=0.)
 
-    key_mask = tl.load(key_mask_base + slots, mask=slot_ok, other=float('-inf')) * SCORE_LOG2E
+    # not other=-inf: Triton 3.0 fails to pipeline that fp32 load (a select of mismatched layouts)
+    key_mask = tl.where(slot_ok, tl.load(key_mask_base + slots, mask=slot_ok, other=0.), float('-inf')) * SCORE_LOG2E
     s = _dot(q_scaled, tl.trans(k), bias_tile, PRECISION, UPCAST) + key_mask[None, :]
     if REGION_MASK:
         k_region = tl.load(regions_base + slots, mask=slots < AREA, other=-1)
