@@ -10,6 +10,7 @@ all` compiles every variant and prints what the compiler made of each). Every Tr
 (torch 2.4) compiles them all; CI checks 3.0 and the pinned version.
 """
 import os
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
@@ -28,3 +29,10 @@ def test_every_fused_kernel_launch_compiles_for_sm80_and_sm90():
     assert {c.arch for c in summary.compiled} == set(ARCHS)
 
     assert not any(c.error for c in summary.compiled), aot.failure_report(summary.triton_version, summary.compiled)
+
+
+def test_a_compile_worker_that_dies_fails_the_run_instead_of_waiting_forever():
+    """Triton's compiler can abort its process (an assertion in a pass); the caller must see it."""
+    with pytest.raises(BrokenProcessPool):
+        with aot.worker_pool(1) as pool:
+            pool.submit(os._exit, 1).result(timeout=300)

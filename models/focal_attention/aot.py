@@ -19,7 +19,6 @@ process under TRITON_INTERPRET=1 holds interpreter ones) and no patching leaks i
 """
 import contextlib
 import multiprocessing
-import multiprocessing.pool
 import os
 import re
 import resource
@@ -28,6 +27,8 @@ import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -517,23 +518,22 @@ def _init_worker() -> None:
 
 
 @contextlib.contextmanager
-def worker_pool(processes: int) -> Iterator[multiprocessing.pool.Pool]:
-    """Spawned workers without TRITON_INTERPRET, so that their kernels are compilable JITFunctions."""
+def worker_pool(processes: int) -> Iterator[ProcessPoolExecutor]:
+    """Spawned workers without TRITON_INTERPRET, so that their kernels are compilable JITFunctions
+    (the variable stays unset while workers may start). A worker that dies, as when the compiler
+    aborts the process, fails every pending task (BrokenProcessPool) instead of a wait forever."""
     saved = os.environ.pop('TRITON_INTERPRET', None)
-    try:
-        pool = multiprocessing.get_context('spawn').Pool(processes, initializer=_init_worker)
-    finally:
-        if saved is not None:
-            os.environ['TRITON_INTERPRET'] = saved
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context('spawn'), initializer=_init_worker)
     try:
         yield pool
     except BaseException:
-        pool.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
         raise
     else:
-        pool.close()
+        pool.shutdown()
     finally:
-        pool.join()
+        if saved is not None:
+            os.environ['TRITON_INTERPRET'] = saved
 
 
 def compile_cases(cases: Sequence[str], dtypes: Iterable[str] = DTYPES, archs: Iterable[int] = (80, 90),
@@ -553,17 +553,22 @@ def compile_cases(cases: Sequence[str], dtypes: Iterable[str] = DTYPES, archs: I
     distinct: Dict[str, Compiled] = {}
     launches, pending, capture_cpu_s = set(), [], 0.
     with worker_pool(processes) as pool:
-        for cpu_s, keyed in pool.imap(_capture_run, runs):
+        for cpu_s, keyed in pool.map(_capture_run, runs):
             capture_cpu_s += cpu_s
             for dtype, run, launch, arch, key in keyed:
                 launches.add(launch)
                 if key not in distinct:
                     distinct[key] = Compiled(launch, arch, dtype, [])
-                    pending.append((distinct[key], pool.apply_async(compile_launch, (launch, arch, stats))))
+                    pending.append((distinct[key], pool.submit(compile_launch, launch, arch, stats)))
                 if run not in distinct[key].uses:
                     distinct[key].uses.append(run)
         for entry, outcome in pending:
-            entry.cpu_s, entry.error, entry.stats, entry.hints = outcome.get()
+            try:
+                entry.cpu_s, entry.error, entry.stats, entry.hints = outcome.result()
+            except BrokenProcessPool as error:
+                raise RuntimeError(f'a compile worker died (Triton {triton.__version__} aborted the process?) with '
+                                   f'{entry.launch.kernel} ({entry.launch.constexprs()}) for sm_{entry.arch} among '
+                                   f'the kernels still compiling; kernel_report.py --processes 1 finds it') from error
     return Summary(list(distinct.values()), triton.__version__, len(launches), exact, time.perf_counter() - start,
                    _cpu_seconds() - cpu_start, capture_cpu_s)
 
