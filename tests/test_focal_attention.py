@@ -46,6 +46,8 @@ def run_backend(backend: str, layout, qkv, pooled_kv, bias, grad_out, num_heads:
 
 GEOMETRIES = {
     # name: (FocalGeometry arguments, map height, width, heads, head dim, batch)
+    'window only (16 keys: one fp32 key block)': (dict(window_size=4, expand_size=0, focal_window=1,
+                                                       num_pooled_levels=0, shift_size=0), 8, 8, 2, 16, 2),
     'one level, no pooling': (dict(window_size=4, expand_size=1, focal_window=3, num_pooled_levels=0, shift_size=0),
                               8, 8, 2, 16, 2),
     'two levels, shifted': (dict(window_size=4, expand_size=1, focal_window=3, num_pooled_levels=1, shift_size=2),

@@ -108,7 +108,7 @@ def launch_failure(qkv: torch.Tensor, layout: WindowLayout, num_heads: int) -> O
     """Why the kernels fail on this GPU for inputs like `qkv` (B, T, 3C) of this layout, or None.
     Found by running them, forward and backward, once on one random map of the layout and comparing
     with SDPA: a launch can need more shared memory than the GPU gives a block (the fp32 backward of
-    14x14 windows takes 149 KB; sm_86 and sm_89 allow 99 KB), and a GPU where no run has been
+    14x14 windows takes 100 KB; sm_86 and sm_89 allow 99 KB), and a GPU where no run has been
     recorded may miscompile. The interpreter (CPU inputs) has no such limits: None."""
     if qkv.device.type != 'cuda':
         return None
@@ -168,14 +168,17 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _launch_config(qkv: torch.Tensor, area: int, num_keys: int, num_heads: int, backward: bool = False) -> dict:
+def _launch_config(qkv: torch.Tensor, area: int, num_keys: int, num_heads: int) -> dict:
     """Block sizes, warps and dot precision for one call (queries of a window form one block)."""
     head_dim = qkv.shape[-1] // 3 // num_heads
     block_m = max(16, _next_power_of_2(area))
-    if block_m <= 64:
+    if qkv.element_size() == 4:
+        # fp32 with 32 or 64 keys per block spills registers (up to 17 KB per thread where ptxas falls
+        # back to 32 registers), with 16 nowhere, TF32 or not; the window-14 backward's shared memory
+        # fits an sm_80 block only at 16 (docs/benchmarks.md)
+        block_n = 16
+    elif block_m <= 64:
         block_n = 64
-    elif backward and qkv.element_size() == 4:
-        block_n = 16  # with 32 the fp32 backward needs 164 KB of shared memory; an sm_80 block may have 163 KB
     else:
         block_n = 32
     block_n = min(block_n, max(16, _next_power_of_2(num_keys)))
@@ -256,7 +259,7 @@ def fused_backward(grad_out: torch.Tensor, qkv: torch.Tensor, pooled_kv: Optiona
     area = position_bias.shape[1]
     # Not software-pipelined: two stages spill registers on sm_80, and Triton 3.0 and 3.2 fail to
     # pipeline this loop (docs/benchmarks.md); two programs per multiprocessor overlap their loads.
-    config = dict(_launch_config(qkv, area, num_keys, num_heads, backward=True), num_stages=1)
+    config = dict(_launch_config(qkv, area, num_keys, num_heads), num_stages=1)
     total_windows = B * num_windows
     multi_block = num_keys > config['BLOCK_N']
     windows_per_program = _windows_per_program(qkv, total_windows, num_heads)

@@ -71,7 +71,8 @@ def _key_block_scores(q_scaled, q_region, qkv_base, pooled_base, bias_tile, key_
     (one value per slot) is added once. ALIGNED: key/value rows of both sources start on 16 bytes.
     REGION_MASK: the block holds own-window slots of a shifted window."""
     slot_ok = slots < NUM_KEYS
-    # not other=zero_token: Triton 3.0-3.2 fail to pipeline a masked load whose fill is a run-time value
+    # Masked loads here fill with zero and select after: Triton 3.0-3.2 fail to pipeline a masked load
+    # filled with any other value (an 'arith.select' of mismatched layouts)
     index = tl.where(slot_ok, tl.load(key_index_base + slots, mask=slot_ok, other=0), zero_token)
     fine = index < num_fine
     key_rows = qkv_base + index.to(tl.int64) * (3 * CHANNELS) + CHANNELS  # k of a fine token; v follows at +C
@@ -86,11 +87,11 @@ def _key_block_scores(q_scaled, q_region, qkv_base, pooled_base, bias_tile, key_
     k = tl.load(key_rows[:, None] + dims[None, :], mask=mask, other=0.)
     v = tl.load(key_rows[:, None] + CHANNELS + dims[None, :], mask=mask, other=0.)
 
-    # not other=-inf: Triton 3.0 fails to pipeline that fp32 load (a select of mismatched layouts)
     key_mask = tl.where(slot_ok, tl.load(key_mask_base + slots, mask=slot_ok, other=0.), float('-inf')) * SCORE_LOG2E
     s = _dot(q_scaled, tl.trans(k), bias_tile, PRECISION, UPCAST) + key_mask[None, :]
     if REGION_MASK:
-        k_region = tl.load(regions_base + slots, mask=slots < AREA, other=-1)
+        own = slots < AREA
+        k_region = tl.where(own, tl.load(regions_base + slots, mask=own, other=0), -1)
         crossing = (k_region[None, :] >= 0) & (k_region[None, :] != q_region[:, None])
         s += tl.where(crossing, MASKED_LOG2, 0.)
     return s, k, v, present
