@@ -1,13 +1,14 @@
 """Shared pieces of the tests: the micro Focal Transformers (as constructor arguments for model
 tests, as a YAML config for training runs), tiny generated datasets and an in-process `main.py`
 runner. Test files import these names from `conftest`."""
+import contextlib
 import glob
 import os
 import shlex
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import pytest
 import torch
@@ -97,6 +98,23 @@ def run_main(args: List[str]) -> int:
     """`main.py` in this process (no interpreter start-up), forced onto the CPU."""
     import main
     return main.main(args + ['--device', 'cpu'])
+
+
+@contextlib.contextmanager
+def interrupted_at_epoch(epoch: int) -> Iterator[None]:
+    """A user's Ctrl-C as training would start `epoch`: inside the block main.train_one_epoch raises
+    KeyboardInterrupt there, and the block must end with it."""
+    import main
+    real_train_one_epoch = main.train_one_epoch
+
+    def interrupted(**kwargs):
+        if kwargs['epoch'] == epoch:
+            raise KeyboardInterrupt
+        return real_train_one_epoch(**kwargs)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(main, 'train_one_epoch', interrupted)
+        yield
 
 
 def launcher_env() -> Dict[str, str]:

@@ -9,6 +9,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 import checkpoint as ckpt
+from conftest import REPO_ROOT
 from config import get_config
 
 
@@ -76,6 +77,14 @@ def test_weights_only_checkpoint_cannot_resume_training(tmp_path):
         ckpt.read_training_state(path)
 
 
+def convert_checkpoint(source: Path, target: Path) -> Path:
+    """`scripts/convert_checkpoint.py source target`, which must succeed; returns target."""
+    result = subprocess.run([sys.executable, 'scripts/convert_checkpoint.py', str(source), str(target)],
+                            cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return target
+
+
 def test_official_training_checkpoint_with_yacs_config_is_refused_then_converted(tmp_path):
     """The official code saves its yacs CfgNode in training checkpoints: reading it stays
     weights-only (a clear error naming the converter), and the converter extracts the weights."""
@@ -85,11 +94,7 @@ def test_official_training_checkpoint_with_yacs_config_is_refused_then_converted
     with pytest.raises(ckpt.CheckpointError, match=r'holds Python objects .* scripts/convert_checkpoint\.py'):
         ckpt.read_checkpoint(str(official))
 
-    converted = tmp_path / 'weights.pth'
-    root = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, 'scripts/convert_checkpoint.py', str(official), str(converted)],
-                            cwd=root, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    converted = convert_checkpoint(official, tmp_path / 'weights.pth')
     loaded = ckpt.read_checkpoint(str(converted))['model']
     assert loaded.keys() == weights.keys() and torch.equal(loaded['head.weight'], weights['head.weight'])
 
@@ -106,11 +111,7 @@ def test_whole_model_saved_with_torch_save_is_converted_to_its_weights(tmp_path)
     with pytest.raises(ckpt.CheckpointError, match=r'torch\.save\(model\).*scripts/convert_checkpoint\.py'):
         ckpt.read_checkpoint(str(pickled))
 
-    converted = tmp_path / 'weights.pth'
-    root = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, 'scripts/convert_checkpoint.py', str(pickled), str(converted)],
-                            cwd=root, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    converted = convert_checkpoint(pickled, tmp_path / 'weights.pth')
     fresh = FocalTransformer(img_size=32, num_classes=3, **MICRO_FOCAL)
     ckpt.load_for_evaluation(str(converted), fresh)
     for name, value in model.state_dict().items():

@@ -13,7 +13,7 @@ import torch
 import main
 from config import get_config
 from data.images import folder_samples
-from conftest import (REPO_ROOT, launcher_env, run_main, run_main_subprocess, write_micro_config,
+from conftest import (REPO_ROOT, interrupted_at_epoch, launcher_env, run_main, run_main_subprocess, write_micro_config,
                       write_tiny_dataset)
 from lr_scheduler import build_scheduler, scaled_learning_rates
 from optimizer import build_optimizer
@@ -62,17 +62,8 @@ def torchrun_training(workspace):
     torchrun in two processes, each of which validates on its shard of one image."""
     output = str(workspace['root'] / 'out')
     args = ['--cfg', workspace['cfg'], '--data-path', workspace['data'], '--output', output]
-    real_train_one_epoch = main.train_one_epoch
-
-    def stop_before_epoch_1(**kwargs):
-        if kwargs['epoch'] == 1:
-            raise KeyboardInterrupt
-        return real_train_one_epoch(**kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(main, 'train_one_epoch', stop_before_epoch_1)
-        with pytest.raises(KeyboardInterrupt):
-            run_main(args)
+    with interrupted_at_epoch(1):
+        run_main(args)
     result = run_main_subprocess(['torch.distributed.run', '--standalone', '--nproc_per_node', '2'], args)
     return result, os.path.join(output, 'micro_focal', 'default')
 

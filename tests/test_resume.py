@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import main
-from conftest import error_line, load_checkpoint, run_main, write_micro_config
+from conftest import error_line, interrupted_at_epoch, load_checkpoint, run_main, write_micro_config
 from engine import EvalResult
 
 RUN_DIR = os.path.join('out', 'micro_focal', 'default')
@@ -146,15 +146,7 @@ def test_resume_follows_the_schedule_of_the_config_in_force(scripted_run, tiny_d
     optimizer's state carried on; the log says what changed."""
     run_dir = copy_of(scripted_run, tmp_path)
     monkeypatch.setattr(main, 'evaluate', ScriptedEvaluation(45.0))
-    real_train_one_epoch = main.train_one_epoch
-
-    def stop_before_epoch_3(**kwargs):
-        if kwargs['epoch'] == 3:
-            raise KeyboardInterrupt
-        return real_train_one_epoch(**kwargs)
-
-    monkeypatch.setattr(main, 'train_one_epoch', stop_before_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_epoch(3):
         run_main(rerun_args(str(tmp_path), tiny_data, '--epochs', '4', '--batch-size', '4'))
     base, minimum = 1e-3 * 4 / 512, 5e-6 * 4 / 512
     after_epoch_2 = minimum + 0.5 * (base - minimum) * (1 + math.cos(math.pi * 30 / 40))

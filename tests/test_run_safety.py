@@ -17,7 +17,7 @@ from PIL import Image
 import checkpoint
 import main
 import run_outputs
-from conftest import REPO_ROOT, error_line, load_checkpoint, run_main, write_micro_config
+from conftest import REPO_ROOT, error_line, interrupted_at_epoch, load_checkpoint, run_main, write_micro_config
 from config import get_config
 from data.build import build_loader, build_transform
 from data.images import ImageDataset
@@ -266,17 +266,8 @@ def test_resumed_run_with_two_workers_equals_an_uninterrupted_one(tmp_path, tiny
                 '--opts', 'DATA.NUM_WORKERS', '2']
 
     assert run_main(args('reference')) == 0
-    real_train_one_epoch = main.train_one_epoch
-
-    def interrupt_in_second_epoch(**kwargs):
-        if kwargs['epoch'] == 1:
-            raise KeyboardInterrupt
-        return real_train_one_epoch(**kwargs)
-
-    monkeypatch.setattr(main, 'train_one_epoch', interrupt_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_epoch(1):
         run_main(args('resumed'))
-    monkeypatch.setattr(main, 'train_one_epoch', real_train_one_epoch)
     assert run_main(args('resumed')) == 0
 
     def weights(output: str) -> dict:

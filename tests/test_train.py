@@ -9,7 +9,7 @@ import yaml
 
 import main
 from config import get_config
-from conftest import load_checkpoint, run_main, write_micro_config
+from conftest import interrupted_at_epoch, load_checkpoint, run_main, write_micro_config
 from lr_scheduler import scaled_learning_rates
 
 
@@ -87,17 +87,8 @@ def test_interrupted_run_resumes_at_next_epoch_with_identical_state(tmp_path, ti
     cfg = write_micro_config(str(tmp_path), 'TRAIN:\n  WARMUP_EPOCHS: 1\n')
     assert run_main(train_args(cfg, tiny_data, str(tmp_path / 'reference'), 2)) == 0
 
-    real_train_one_epoch = main.train_one_epoch
-
-    def interrupt_in_second_epoch(**kwargs):
-        if kwargs['epoch'] == 1:
-            raise KeyboardInterrupt
-        return real_train_one_epoch(**kwargs)
-
-    monkeypatch.setattr(main, 'train_one_epoch', interrupt_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_epoch(1):
         run_main(train_args(cfg, tiny_data, str(tmp_path / 'resumed'), 2))
-    monkeypatch.setattr(main, 'train_one_epoch', real_train_one_epoch)
     resumed_dir = str(tmp_path / 'resumed' / 'micro_focal' / 'default')
     assert sorted(os.listdir(resumed_dir)).count('ckpt_epoch_0.pth') == 1
     assert not os.path.exists(os.path.join(resumed_dir, 'ckpt_epoch_1.pth'))
