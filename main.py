@@ -189,7 +189,6 @@ def set_up(config: CN, ctx: DistContext, logger: logging.Logger, outputs: RunOut
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
     loaders = build_loader(config, ctx.rank, ctx.world_size, with_train=training,
                            classes=classes)
-    logger.info(config.dump())
     if loaders.num_classes != config.MODEL.NUM_CLASSES:
         logger.info(f"the model has {loaders.num_classes} outputs, the number of classes in the "
                     f"{'training data' if training else 'checkpoint or validation data'}, not "
@@ -207,8 +206,10 @@ def set_up(config: CN, ctx: DistContext, logger: logging.Logger, outputs: RunOut
     logger.info(f"{config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                 f"parameters")
     if config.MODEL.PRETRAINED:
+        logger.info(f"fine-tuning from {config.MODEL.PRETRAINED}: its weights, adapted where this "
+                    f"model differs (a warning for each change)")
         load_pretrained(config.MODEL.PRETRAINED, model)
-        logger.info(f"fine-tuning from {config.MODEL.PRETRAINED}")
+    logger.info(config.dump())  # after the lines above, which say what the run starts from
     model.to(ctx.device)
     amp_dtype = resolve_amp_dtype(config, ctx.device)
     logger.info(f"mixed precision: {amp_dtype or 'off'}")

@@ -195,6 +195,11 @@ def test_pretrained_fine_tunes_at_another_resolution_and_class_count(tmp_path, t
                      '--opts', 'DATA.IMG_SIZE', '64', 'MODEL.FOCAL.WINDOW_SIZE', '8']) == 0
     tuned = load_checkpoint(os.path.join(output, 'micro_focal', 'default', 'ckpt_epoch_0.pth'))
     assert tuned['model']['head.weight'].shape == (5, 128)
+    with open(os.path.join(output, 'micro_focal', 'default', 'log_rank0.txt')) as f:
+        log = f.read()
+    head = log.index('WARNING checkpoint head.weight (10, 128) does not fit the head (5, 128): re-initialised')
+    assert 'WARNING checkpoint layers.0.blocks.0.attn.relative_position_bias_table resized from' in log
+    assert head < log.index('AMP_OPT_LEVEL: '), "stated before the config's long listing"
 
 
 def test_throughput_measures_and_records_the_batch_size_asked_for(tmp_path, tiny_data,
