@@ -357,21 +357,25 @@ def classifier_rows(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Op
     return weight.shape[0] if weight is not None and weight.ndim == 2 else None
 
 
-def load_for_evaluation(path: str, model: nn.Module,
-                        checkpoint: Optional[Dict[str, Any]] = None) -> None:
+def load_for_evaluation(path: str, model: nn.Module, checkpoint: Optional[Dict[str, Any]] = None,
+                        ema: bool = False) -> None:
     """Load the weights of `path` (ours or a released one, already read as `checkpoint` if
-    given) into `model` exactly (`exact_weights`). A head for another number of classes than
-    the model's gets its own error: the validation data has other classes than the checkpoint
-    was trained on."""
+    given) into `model` exactly (`exact_weights`); with `ema`, the EMA weights it holds. A head
+    for another number of classes than the model's gets its own error: the validation data
+    has other classes than the checkpoint was trained on."""
     if checkpoint is None:
         checkpoint = read_checkpoint(path)
-    trained = classifier_rows(unwrap_state_dict(checkpoint), model)
+    if ema and not checkpoint.get('ema'):
+        raise CheckpointError(f"checkpoint {path} holds no EMA weights (its run trained without "
+                              f"--model-ema): evaluate its model weights, without --model-ema")
+    weights = checkpoint['ema'] if ema else checkpoint
+    trained = classifier_rows(unwrap_state_dict(weights), model)
     expected = classifier_rows(model.state_dict(), model)
     if trained is not None and trained != expected:
         raise CheckpointError(
             f"checkpoint {path} has a head for {trained} classes but the validation data has "
             f"{expected}: evaluate it on the classes it was trained on")
-    load_exactly(model, checkpoint, path)
+    load_exactly(model, weights, path)
 
 
 def load_pretrained(path: str, model: nn.Module) -> None:

@@ -15,6 +15,7 @@ it and recorded next to it, so that config.yaml and the checkpoints hold the sam
 run from either derives the same values again.
 """
 import argparse
+import copy
 import datetime
 import logging
 import math
@@ -241,18 +242,30 @@ def measure(setup: RunSetup, outputs: RunOutputs) -> None:
 
 
 def evaluate_checkpoint(setup: RunSetup, outputs: RunOutputs, checkpoint: dict) -> None:
-    """--eval: the accuracy of the weights of MODEL.RESUME."""
+    """--eval: the accuracy of the weights of MODEL.RESUME. With --model-ema, of the EMA weights
+    it holds; otherwise of its model weights and, where it holds EMA weights too, of those as
+    well, as training reports both."""
     path = setup.config.MODEL.RESUME
-    load_for_evaluation(path, setup.model, checkpoint)
-    setup.logger.info(f"evaluating {path}")
+    ema_only = setup.config.TRAIN.EMA.ENABLE
+    load_for_evaluation(path, setup.model, checkpoint, ema=ema_only)
+    setup.logger.info(f"evaluating {'the EMA weights of ' if ema_only else ''}{path}")
     result = evaluate(setup.evaluator, setup.loaders.loader_val, setup.ctx.device,
                       setup.amp_dtype)
-    log_accuracy(setup.logger, result)
+    log_accuracy(setup.logger, result, 'EMA network' if ema_only else 'network')
+    ema_result = result if ema_only else None
+    if not ema_only and checkpoint.get('ema'):
+        ema_model = copy.deepcopy(setup.model)
+        load_for_evaluation(path, ema_model, checkpoint, ema=True)
+        ema_result = evaluate(ema_model, setup.loaders.loader_val, setup.ctx.device,
+                              setup.amp_dtype)
+        log_accuracy(setup.logger, ema_result, 'EMA network')
     trained_epochs = checkpoint.get('epoch')
     outputs.append_metrics({
         'epoch': trained_epochs if isinstance(trained_epochs, int) else None,
         'acc1': result.acc1, 'acc5': result.acc5, 'loss': result.loss, 'max_acc1': result.acc1,
-        'ema_acc1': None, 'num_images': result.num_images, 'checkpoint': path})
+        'ema_acc1': ema_result.acc1 if ema_result is not None else None,
+        'num_images': result.num_images, 'checkpoint': path,
+        'weights': 'ema' if ema_only else 'model'})
     outputs.write_config('eval', config_record(setup.config),
                          {'MODEL.NUM_CLASSES': setup.loaders.num_classes,
                           'processes': setup.ctx.world_size})
