@@ -1,7 +1,8 @@
 """Process-group set-up for torchrun, `torch.distributed.launch` and plain single-process runs
 (the launcher's variables checked together first), the few collective helpers the training
-code needs (all no-ops without a process group), and the watch that stops every process when
-one of them fails.
+code needs (all no-ops without a process group), among them the start-up check that every
+process holds the same data, config and code, and the watch that stops every process when one
+of them fails.
 
 Why the watch: a process that stops with an error leaves the others waiting in the next
 collective (a barrier, DDP's broadcasts, an all-reduce), which only the process group's
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -122,6 +123,10 @@ _watch: Optional[PeerWatch] = None
 
 class LaunchError(UserError):
     """The launcher's variables do not describe a job this process can join."""
+
+
+class ProcessesDisagreeError(UserError):
+    """The processes of a job hold different data, config or code."""
 
 
 LAUNCHERS = ("torchrun and torch.distributed.launch set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR "
@@ -259,6 +264,39 @@ def init_distributed(local_rank_arg: Optional[int], device_kind: str = 'auto') -
 
 def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def check_processes_agree(facts: Dict[str, Any]) -> None:
+    """Stop every process with the same `ProcessesDisagreeError` unless all processes of the
+    group hold equal `facts` (one `all_gather_object`). `facts` maps what each value is (e.g.
+    'the class names') to the value; the error names the first one, in their order, on which a
+    process differs from process 0, and the processes that differ."""
+    if not is_distributed():
+        return
+    gathered: List[Dict[str, Any]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, facts)
+    reference = gathered[0]
+    for what in dict.fromkeys(what for held in gathered for what in held):
+        differing = [rank for rank, held in enumerate(gathered) if held.get(what) != reference.get(what)]
+        if differing:
+            first = differing[0]
+            which = f"process {first} differs" if len(differing) == 1 else \
+                f"processes {', '.join(map(str, differing))} differ"
+            raise ProcessesDisagreeError(
+                f"the {len(gathered)} processes of this job disagree on {what}: "
+                f"{difference(reference.get(what), gathered[first].get(what), first)} ({which} from "
+                f"process 0); every process must read the same data with the same config and code")
+
+
+def difference(reference: Any, other: Any, rank: int) -> str:
+    """How `other` (process `rank`'s value) differs from process 0's `reference`: for lists,
+    their first differing entry."""
+    if isinstance(reference, list) and isinstance(other, list):
+        for index, (mine, theirs) in enumerate(zip(reference, other)):
+            if mine != theirs:
+                return f"entry {index} is {mine!r} in process 0 but {theirs!r} in process {rank}"
+        return f"process 0 has {len(reference)} entries, process {rank} {len(other)}"
+    return f"{reference!r} in process 0 but {other!r} in process {rank}"
 
 
 def is_distributed() -> bool:

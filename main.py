@@ -22,7 +22,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -34,16 +34,16 @@ from checkpoint import (BEST_CHECKPOINT, TrainingParts, epoch_checkpoint_name, l
 from config import (ConfigError, accumulation_steps, config_to_dict, defaults_note, get_config,
                     run_folder)
 from data import Loaders, build_loader, prepare_demo_data
-from distributed import (DistContext, barrier, broadcast_buffers, init_distributed,
-                         leave_process_group, stop_watching, writing_files)
+from distributed import (DistContext, barrier, broadcast_buffers, check_processes_agree,
+                         init_distributed, leave_process_group, stop_watching, writing_files)
 from engine import (EvalResult, NonFiniteGuard, StepSettings, evaluate, measure_throughput,
                     throughput_batch, train_one_epoch)
 from lr_scheduler import build_scheduler, scaled_learning_rates
 from models import build_model
 from optimizer import build_optimizer
-from resume import resume_training
+from resume import flatten, resume_training
 from run_outputs import RunOutputs
-from utils import UserError, seed_everything
+from utils import UserError, code_version, seed_everything
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -178,6 +178,26 @@ def run(args: argparse.Namespace) -> None:
             train(setup, outputs)
 
 
+# Config keys that may differ between the processes of a job: a machine's own paths (the data
+# itself is compared) and the unused official LOCAL_RANK.
+PER_PROCESS_KEYS = ('DATA.DATA_PATH', 'DATA.DEMO.ROOT', 'LOCAL_RANK')
+
+
+def job_facts(config: CN, loaders: Loaders) -> Dict[str, Any]:
+    """What every process of a job must hold alike (`check_processes_agree`): the class names in
+    the order of the model's outputs, the dataset sizes, the config keys (but PER_PROCESS_KEYS)
+    and the code version."""
+    facts = {
+        'the class names': list(loaders.classes),
+        'the number of training images': len(loaders.dataset_train) if loaders.dataset_train else None,
+        'the number of validation images': len(loaders.dataset_val),
+    }
+    facts.update((f'config key {key}', value) for key, value in flatten(config_to_dict(config)).items()
+                 if key not in PER_PROCESS_KEYS)
+    facts['the code version'] = code_version()
+    return facts
+
+
 def set_up(config: CN, ctx: DistContext, logger: logging.Logger, outputs: RunOutputs,
            classes: Optional[List[str]] = None) -> RunSetup:
     """Data (the user's folders or zips, or the built-in demo dataset), the model at the
@@ -190,6 +210,8 @@ def set_up(config: CN, ctx: DistContext, logger: logging.Logger, outputs: RunOut
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
     loaders = build_loader(config, ctx.rank, ctx.world_size, with_train=training,
                            classes=classes)
+    if ctx.world_size > 1:
+        check_processes_agree(job_facts(config, loaders))
     if loaders.num_classes != config.MODEL.NUM_CLASSES:
         logger.info(f"the model has {loaders.num_classes} outputs, the number of classes in the "
                     f"{'training data' if training else 'checkpoint or validation data'}, not "

@@ -1,4 +1,5 @@
 """Two CPU processes (gloo) under torchrun, torch.distributed.launch and no launcher at all."""
+import contextlib
 import json
 import os
 import re
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import List, Tuple
 
 import pytest
 import torch
@@ -20,6 +22,32 @@ from conftest import (REPO_ROOT, error_line, interrupted_at_epoch, launcher_env,
 from distributed import Launch, LaunchError, read_launch
 from lr_scheduler import build_scheduler, scaled_learning_rates
 from optimizer import build_optimizer
+
+
+def run_by_hand(args_of_rank: List[List[str]], timeout: int = 180) -> Tuple[List[int], List[str]]:
+    """main.py on the CPU in one process per entry of `args_of_rank`, started without a launcher's
+    agent (as srun or a script of one's own starts them: RANK, WORLD_SIZE, LOCAL_RANK and
+    MASTER_ADDR/PORT set by hand); returns their exit statuses and what they wrote on stderr."""
+    port = str(free_port())
+    with contextlib.ExitStack() as files:
+        errors = [files.enter_context(tempfile.TemporaryFile('w+')) for _ in args_of_rank]
+        processes = [
+            subprocess.Popen(
+                [sys.executable, 'main.py', *args, '--device', 'cpu'],
+                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                env=dict(launcher_env(), MASTER_ADDR='127.0.0.1', MASTER_PORT=port,
+                         WORLD_SIZE=str(len(args_of_rank)), RANK=str(rank), LOCAL_RANK=str(rank)))
+            for rank, (args, err) in enumerate(zip(args_of_rank, errors))]
+        try:
+            returncodes = [process.wait(timeout=timeout) for process in processes]
+        finally:
+            for process in processes:
+                process.kill()
+        said = []
+        for err in errors:
+            err.seek(0)
+            said.append(err.read())
+    return returncodes, said
 
 
 def free_port() -> int:
@@ -138,25 +166,8 @@ def test_a_process_without_a_training_batch_stops_the_others_at_once(workspace, 
     for index in list(sampler)[:8]:  # its first batch
         with open(samples[index][0], 'wb') as f:
             f.write(b'not an image')
-    port = str(free_port())
-    with tempfile.TemporaryFile('w+') as err_0, tempfile.TemporaryFile('w+') as err_1:
-        processes = [
-            subprocess.Popen(
-                [sys.executable, 'main.py', '--cfg', workspace['cfg'], '--data-path', str(data),
-                 '--output', str(tmp_path / 'out'), '--device', 'cpu'],
-                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=err,
-                env=dict(launcher_env(), MASTER_ADDR='127.0.0.1', MASTER_PORT=port, WORLD_SIZE='2',
-                         RANK=str(rank), LOCAL_RANK=str(rank)))
-            for rank, err in enumerate((err_0, err_1))]
-        try:
-            returncodes = [process.wait(timeout=180) for process in processes]
-        finally:
-            for process in processes:
-                process.kill()
-        errors = []
-        for err in (err_0, err_1):
-            err.seek(0)
-            errors.append(err.read())
+    args = ['--cfg', workspace['cfg'], '--data-path', str(data), '--output', str(tmp_path / 'out')]
+    returncodes, errors = run_by_hand([args, args])
     assert returncodes == [1, 1], errors
     assert 'Traceback' not in errors[0] + errors[1], errors
     last_lines = [err.strip().splitlines()[-1] for err in errors]
@@ -164,6 +175,29 @@ def test_a_process_without_a_training_batch_stops_the_others_at_once(workspace, 
     assert last_lines[0] == f'error: process 1 of 2 stopped, so process 0 stops too. Its error: ' \
                             f'{last_lines[1][len("error: "):]}'
     assert not os.path.exists(tmp_path / 'out' / 'micro_focal' / 'default' / 'ckpt_epoch_0.pth')
+
+
+def test_processes_whose_data_name_other_classes_stop_before_training(workspace, tmp_path):
+    """Process 1's train/ holds as many classes as process 0's, one under another name, so an
+    index would mean another class in each: both stop with one line naming the first
+    difference, before training."""
+    renamed = tmp_path / 'renamed'
+    for split in ('train', 'val'):
+        (renamed / split).mkdir(parents=True)
+        for name in sorted(os.listdir(os.path.join(workspace['data'], split))):
+            os.symlink(os.path.join(workspace['data'], split, name),
+                       renamed / split / ('disc' if name == 'circle' else name))
+    output = str(tmp_path / 'out')
+    returncodes, errors = run_by_hand(
+        [['--cfg', workspace['cfg'], '--data-path', data, '--output', output]
+         for data in (workspace['data'], str(renamed))])
+    assert returncodes == [1, 1], errors
+    assert 'Traceback' not in errors[0] + errors[1], errors
+    for err in errors:
+        assert "error: " in err and "the 2 processes of this job disagree on the class names: entry 1 is " \
+            "'circle' in process 0 but 'cross' in process 1 (process 1 differs from process 0)" in \
+            err.strip().splitlines()[-1], errors
+    assert not os.path.exists(os.path.join(output, 'micro_focal', 'default', 'metrics.jsonl'))
 
 
 @pytest.mark.parametrize('environ, local_rank_arg, message', [
