@@ -203,10 +203,9 @@ def set_up(config: CN, ctx: DistContext, logger: logging.Logger, outputs: RunOut
     """Data (the user's folders or zips, or the built-in demo dataset), the model at the
     data's class count and its precision, and the modules that train and evaluate on batches."""
     if not config.DATA.DATA_PATH:
-        demo_path, written = prepare_demo_data(config, ctx.is_main)
+        demo_path, written = prepare_demo_data(config)
         logger.info(f"no --data-path given: using the built-in demo dataset (10 classes of "
                     f"procedural shapes) {'written to' if written else 'cached in'} {demo_path}")
-        barrier()
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
     loaders = build_loader(config, ctx.rank, ctx.world_size, with_train=training,
                            classes=classes)

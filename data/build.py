@@ -48,15 +48,14 @@ def demo_data_path(config: CN) -> str:
                             demo.VAL_PER_CLASS)
 
 
-def prepare_demo_data(config: CN, is_main: bool) -> Tuple[str, bool]:
-    """Write the demo dataset (main process only) and return its path and whether it is new.
-    Other processes must wait at a barrier before reading it."""
+def prepare_demo_data(config: CN) -> Tuple[str, bool]:
+    """Write the demo dataset unless it is there, and return its path and whether this call
+    wrote it. Every process calls it: one draws, the others wait for it (`write_demo_dataset`),
+    also where processes on several machines have caches of their own."""
     root = demo_data_path(config)
-    written = False
-    if is_main:
-        demo = config.DATA.DEMO
-        written = write_demo_dataset(root, demo.IMAGE_SIZE, demo.TRAIN_PER_CLASS,
-                                     demo.VAL_PER_CLASS, seed=config.SEED)
+    demo = config.DATA.DEMO
+    written = write_demo_dataset(root, demo.IMAGE_SIZE, demo.TRAIN_PER_CLASS, demo.VAL_PER_CLASS,
+                                 seed=config.SEED)
     return root, written
 
 

@@ -221,7 +221,7 @@ def test_scripts_run_exactly_the_rows_of_their_tables():
 
 def test_eval_released_evaluates_each_checkpoint_it_downloads(tmp_path):
     commands = dry_run('eval_released.sh', CKPT_DIR=str(tmp_path))
-    downloads = [command[command.index('-o') + 1] for command in commands if command[0] == 'curl']
+    downloads = [command[2] for command in commands if command[0] == 'download']
     evaluated = [command[command.index('--resume') + 1]
                  for command in commands if '--eval' in command]
     assert len(downloads) == 3 and evaluated == downloads

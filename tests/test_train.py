@@ -72,7 +72,7 @@ DATA:
     args = ['--cfg', cfg, '--output', str(tmp_path / 'out'), '--opts', 'DATA.DEMO.ROOT', demo_root]
     assert run_main(args) == 0
     assert 'built-in demo dataset' in capsys.readouterr().out
-    [dataset] = os.listdir(demo_root)
+    [dataset] = [name for name in os.listdir(demo_root) if not name.startswith('.')]  # not its lock
     assert sorted(os.listdir(os.path.join(demo_root, dataset, 'val')))[:2] == ['checkerboard', 'circle']
 
 
