@@ -33,7 +33,7 @@ from checkpoint import (BEST_CHECKPOINT, TrainingParts, epoch_checkpoint_name, l
                         load_pretrained, non_finite_tensors, read_checkpoint, training_state)
 from config import (ConfigError, accumulation_steps, config_to_dict, defaults_note, get_config,
                     run_folder)
-from data import Loaders, build_loader, prepare_demo_data
+from data import Loaders, build_loader, loader_worker_deaths_reported, prepare_demo_data
 from distributed import (DistContext, barrier, broadcast_buffers, check_processes_agree,
                          init_distributed, leave_process_group, stop_watching, writing_files)
 from engine import (EvalResult, NonFiniteGuard, StepSettings, evaluate, measure_throughput,
@@ -170,12 +170,13 @@ def run(args: argparse.Namespace) -> None:
         checkpoint = read_checkpoint(config.MODEL.RESUME) if config.EVAL_MODE else None
         setup = set_up(config, ctx, logger, outputs,
                        classes=checkpoint.get('classes') if checkpoint else None)
-        if config.THROUGHPUT_MODE:
-            measure(setup, outputs)
-        elif config.EVAL_MODE:
-            evaluate_checkpoint(setup, outputs, checkpoint)
-        else:
-            train(setup, outputs)
+        with loader_worker_deaths_reported():
+            if config.THROUGHPUT_MODE:
+                measure(setup, outputs)
+            elif config.EVAL_MODE:
+                evaluate_checkpoint(setup, outputs, checkpoint)
+            else:
+                train(setup, outputs)
 
 
 # Config keys that may differ between the processes of a job: a machine's own paths (the data

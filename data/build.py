@@ -1,7 +1,8 @@
 """`build_loader(config)`: datasets, transforms, samplers, loaders and mixup for a run."""
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from timm.data import Mixup
@@ -38,6 +39,33 @@ class Loaders:
         """Shuffle and seed the training workers for `epoch` (call before iterating)."""
         self.loader_train.sampler.set_epoch(epoch)
         self.worker_seeder.set_epoch(epoch)
+
+
+class LoaderWorkerDiedError(DataError):
+    """A data-loading worker process ended without an error of its own (e.g. killed by a
+    signal)."""
+
+
+@contextlib.contextmanager
+def loader_worker_deaths_reported() -> Iterator[None]:
+    """Turn PyTorch's report of a loader worker that died (a `RuntimeError` from the loader,
+    'DataLoader worker (pid N) is killed by signal: Killed.' or '... exited unexpectedly')
+    into a `LoaderWorkerDiedError`: the cause is outside the program (most often the system's
+    out-of-memory killer), so the run ends with one line instead of a traceback."""
+    def reports_a_worker_death(error: BaseException) -> bool:
+        return isinstance(error, RuntimeError) and str(error).startswith('DataLoader worker (pid')
+
+    try:
+        yield
+    except RuntimeError as error:
+        if not reports_a_worker_death(error):
+            raise
+        while reports_a_worker_death(error.__cause__):  # the signal, where the loader saw it
+            error = error.__cause__
+        raise LoaderWorkerDiedError(
+            f"a data-loading worker died: {str(error).strip().rstrip('.')}. If the system killed "
+            f"it for memory, lower DATA.NUM_WORKERS or --batch-size; a training run resumes from "
+            f"its last checkpoint") from None
 
 
 def demo_data_path(config: CN) -> str:

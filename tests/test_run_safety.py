@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -326,6 +327,23 @@ def test_random_bytes_given_to_resume_are_not_a_checkpoint(tmp_path, tiny_data, 
     assert run_main(run_args(tmp_path, tiny_data, '--resume', str(junk))) == 1
     line = error_line(capsys)
     assert f"{junk} is not a checkpoint" in line and 'convert_checkpoint' not in line
+
+
+def test_a_loader_worker_killed_by_a_signal_ends_the_run_with_one_line(tmp_path, tiny_data,
+                                                                      monkeypatch, capsys):
+    """As the system's out-of-memory killer ends a worker."""
+    real_getitem = ImageDataset.__getitem__
+
+    def killed_in_a_worker(self, index):
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_getitem(self, index)
+
+    monkeypatch.setattr(ImageDataset, '__getitem__', killed_in_a_worker)
+    assert run_main(run_args(tmp_path, tiny_data, '--opts', 'DATA.NUM_WORKERS', '1')) == 1
+    line = error_line(capsys)
+    assert line.startswith('error: a data-loading worker died: DataLoader worker (pid '), line
+    assert 'killed by signal: Killed' in line and 'lower DATA.NUM_WORKERS or --batch-size' in line
 
 
 def test_zero_byte_image_warning_names_its_path(tmp_path, capsys):
