@@ -29,6 +29,7 @@ from utils import UserError
 
 FAILURES_KEY = 'focal/failures'
 NOTICED_KEY = 'focal/failures_noticed'
+REPORTED_KEY = 'focal/failures_reported'
 # How often a failed process checks whether the others have noticed its report.
 REPORT_POLL_SECONDS = 0.05
 
@@ -102,8 +103,10 @@ class PeerWatch:
 
     def report(self, message: str, wait_seconds: float = 5.0) -> None:
         """Tell the other processes that this one failed with `message`, then wait (at most
-        `wait_seconds`) until each of them that has not failed too has noticed: the store may
-        live in this process and end with it."""
+        `wait_seconds`) until each of them that has not failed too has noticed. The store may
+        live in process 0 and end with it, so process 0 also waits for the other failed
+        processes to finish their reports: processes that fail together (on an error every
+        process finds) would otherwise lose the store mid-report, and torch prints a stack."""
         self.stop()
         try:
             self.store.set(failure_key(self.rank), message)
@@ -111,9 +114,13 @@ class PeerWatch:
             deadline = time.monotonic() + wait_seconds
             while time.monotonic() < deadline:
                 failures = int(self.store.add(FAILURES_KEY, 0))
-                if int(self.store.add(NOTICED_KEY, 0)) >= self.world_size - failures:
+                noticed = int(self.store.add(NOTICED_KEY, 0)) >= self.world_size - failures
+                reported = self.rank != 0 or int(self.store.add(REPORTED_KEY, 0)) >= failures - 1
+                if noticed and reported:
                     break
                 time.sleep(REPORT_POLL_SECONDS)
+            if self.rank != 0:
+                self.store.add(REPORTED_KEY, 1)  # its last use of the store
         except Exception:  # the store is gone: the others are stopping already
             pass
 
