@@ -1,5 +1,6 @@
 """Checkpoint files: atomic saving, finding the newest training state to resume from, and
-loading weights for resuming, evaluation or fine-tuning.
+loading weights in two ways: exactly, for resuming, evaluation and export (`exact_weights`), or
+adapted to another model, for fine-tuning (`load_pretrained`).
 
 A training checkpoint is a dict of tensors and plain Python data only (`torch.load(...,
 weights_only=True)` reads it): 'model', 'optimizer', 'scaler', 'ema' (or None), 'epoch' (the
@@ -259,7 +260,7 @@ def restore_training(checkpoint: Dict[str, Any], path: str, parts: TrainingParts
             f"{path} was trained on {len(trained_classes)} classes, the training data has "
             f"{len(classes)}, differing in {', '.join(differing)}: resume it on its own data, "
             f"or start a new run (another --tag) with --pretrained {path}")
-    load_weights(parts.model, checkpoint['model'], path)
+    load_exactly(parts.model, checkpoint['model'], path)
     optimizer = parts.optimizer
     hyperparameters = [{key: value for key, value in group.items() if key != 'params'}
                        for group in optimizer.param_groups]
@@ -273,12 +274,12 @@ def restore_training(checkpoint: Dict[str, Any], path: str, parts: TrainingParts
     if parts.scaler is not None and checkpoint.get('scaler'):
         parts.scaler.load_state_dict(checkpoint['scaler'])
     if parts.ema is not None:
-        parts.ema.module.load_state_dict(checkpoint.get('ema') or parts.model.state_dict())
+        load_exactly(parts.ema.module, checkpoint.get('ema') or parts.model.state_dict(), path)
 
 
 def model_weights(checkpoint: Dict[str, Any], model: nn.Module, path: str) -> Dict[str, torch.Tensor]:
-    """The state dict in `checkpoint` (ours, an official release, or bare) made to fit `model`:
-    through `models.checkpoint_filter_fn` for a FocalTransformer, as stored otherwise."""
+    """The state dict in `checkpoint` (ours, an official release, or bare) adapted to `model` for
+    fine-tuning: through `models.checkpoint_filter_fn` for a FocalTransformer, as stored otherwise."""
     if isinstance(model, FocalTransformer):
         try:
             return checkpoint_filter_fn(checkpoint, model)
@@ -299,8 +300,52 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: st
         raise CheckpointError(f"checkpoint {path} does not fit the model "
                               f"(another architecture?): {detail}") from None
     if not strict and (result.missing_keys or result.unexpected_keys):
-        logger.info(f"{path}: kept initial values for {result.missing_keys}, "
-                    f"ignored {result.unexpected_keys}")
+        logger.warning(f"{path}: kept initial values for {result.missing_keys}, "
+                       f"ignored {result.unexpected_keys}")
+
+
+def is_derived_buffer(name: str, value: torch.Tensor) -> bool:
+    """Whether a tensor a file holds beyond the model is one that models derive from their
+    geometry instead of learning: an integer index table or an attention mask (the official
+    releases store `relative_position_index`, `valid_ind_rolled` and `attn_mask`, which ours
+    recompute)."""
+    return not value.is_floating_point() or name.rsplit('.', 1)[-1].endswith('mask')
+
+
+def first_names(names: List[str], shown: int = 4) -> str:
+    return ', '.join(names[:shown]) + (f' ... ({len(names)} in all)' if len(names) > shown else '')
+
+
+def exact_weights(checkpoint: Dict[str, Any], model: nn.Module, path: str) -> Dict[str, torch.Tensor]:
+    """Every tensor of `model.state_dict()` as `checkpoint` holds it (under 'model' or
+    'state_dict', or bare; `module.` prefixes removed), with the model's shape; else a
+    `CheckpointError` listing what is missing, of another shape, or beyond the model.
+
+    Evaluation, resuming and export use this: they measure, continue or ship the weights as
+    trained, and a head left at its initialisation or a resized position table would make up
+    their result. Fine-tuning adapts instead (`load_pretrained`). Works for any model: it
+    compares names and shapes only."""
+    weights = unwrap_state_dict(checkpoint)
+    own = model.state_dict()
+    missing = [name for name in own if name not in weights]
+    differing = [f"{name} {tuple(weights[name].shape)} -> {tuple(value.shape)}"
+                 for name, value in own.items() if name in weights and weights[name].shape != value.shape]
+    beyond = [name for name, value in weights.items()
+              if name not in own and not is_derived_buffer(name, value)]
+    if missing or differing or beyond:
+        found = (('missing', missing), ('shape differs (file -> model):', differing),
+                 ('not in the model:', beyond))
+        problems = '; '.join(f'{title} {first_names(names)}' for title, names in found if names)
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this {type(model).__name__} exactly: {problems}. "
+            f"Evaluating, resuming and exporting take every weight as trained: use the config it "
+            f"was trained with, or fine-tune from it (main.py --pretrained {path})")
+    return {name: weights[name] for name in own}
+
+
+def load_exactly(model: nn.Module, checkpoint: Dict[str, Any], path: str) -> None:
+    """Load `exact_weights(checkpoint, model, path)` into `model`."""
+    model.load_state_dict(exact_weights(checkpoint, model, path), strict=True)
 
 
 def classifier_rows(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Optional[int]:
@@ -312,22 +357,25 @@ def classifier_rows(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Op
     return weight.shape[0] if weight is not None and weight.ndim == 2 else None
 
 
-def load_for_evaluation(path: str, model: nn.Module,
-                        checkpoint: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def load_for_evaluation(path: str, model: nn.Module, checkpoint: Optional[Dict[str, Any]] = None,
+                        ema: bool = False) -> None:
     """Load the weights of `path` (ours or a released one, already read as `checkpoint` if
-    given) into `model`; returns the raw checkpoint for its other entries (e.g. 'ema'). A head
-    for another number of classes than the model's is an error: a replaced head would give a
-    meaningless accuracy."""
+    given) into `model` exactly (`exact_weights`); with `ema`, the EMA weights it holds. A head
+    for another number of classes than the model's gets its own error: the validation data
+    has other classes than the checkpoint was trained on."""
     if checkpoint is None:
         checkpoint = read_checkpoint(path)
-    trained = classifier_rows(unwrap_state_dict(checkpoint), model)
+    if ema and not checkpoint.get('ema'):
+        raise CheckpointError(f"checkpoint {path} holds no EMA weights (its run trained without "
+                              f"--model-ema): evaluate its model weights, without --model-ema")
+    weights = checkpoint['ema'] if ema else checkpoint
+    trained = classifier_rows(unwrap_state_dict(weights), model)
     expected = classifier_rows(model.state_dict(), model)
     if trained is not None and trained != expected:
         raise CheckpointError(
             f"checkpoint {path} has a head for {trained} classes but the validation data has "
             f"{expected}: evaluate it on the classes it was trained on")
-    load_weights(model, model_weights(checkpoint, model, path), path)
-    return checkpoint
+    load_exactly(model, weights, path)
 
 
 def load_pretrained(path: str, model: nn.Module) -> None:

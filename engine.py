@@ -3,6 +3,7 @@ arguments, so that they run the same under DDP, on one GPU and on a CPU in a tes
 import contextlib
 import datetime
 import logging
+import math
 import resource
 import time
 from dataclasses import dataclass
@@ -139,8 +140,10 @@ def train_one_epoch(*, model: nn.Module, criterion: Callable, loader,
                 params, settings.clip_grad if settings.clip_grad > 0 else float('inf')).item()
             if scaler is not None:
                 scaler.step(optimizer)  # skips the step itself on inf/NaN gradients
-                scaler.update()
-            elif not torch.isfinite(torch.tensor(grad_norm)):
+                scaler.update()  # and then lowers the scale: the usual start of fp16 training
+                if not math.isfinite(grad_norm):
+                    grad_norm = None  # no step was taken, so there is no gradient norm to report
+            elif not math.isfinite(grad_norm):
                 step_ok, what = False, 'gradient norm'
             else:
                 optimizer.step()
@@ -149,14 +152,16 @@ def train_one_epoch(*, model: nn.Module, criterion: Callable, loader,
         scheduler.step_update(num_updates=global_step)
         guard.record(step_ok, epoch, step, what)
         if step_ok:
-            if ema is not None:
-                ema.update(module, step=global_step)
             loss_meter.update(step_loss)
-            norm_meter.update(grad_norm)
             if tb_writer is not None:
                 tb_writer.add_scalar('train/loss', step_loss, global_step)
-                tb_writer.add_scalar('train/grad_norm', grad_norm, global_step)
                 tb_writer.add_scalar('train/lr', optimizer.param_groups[0]['lr'], global_step)
+        if step_ok and grad_norm is not None:  # the weights changed
+            if ema is not None:
+                ema.update(module, step=global_step)
+            norm_meter.update(grad_norm)
+            if tb_writer is not None:
+                tb_writer.add_scalar('train/grad_norm', grad_norm, global_step)
         step_ok, step_loss = True, 0.0
         step_time.update(time.time() - end)
         end = time.time()

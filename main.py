@@ -15,13 +15,14 @@ it and recorded next to it, so that config.yaml and the checkpoints hold the sam
 run from either derives the same values again.
 """
 import argparse
+import copy
 import datetime
 import logging
 import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -32,17 +33,17 @@ from checkpoint import (BEST_CHECKPOINT, TrainingParts, epoch_checkpoint_name, l
                         load_pretrained, non_finite_tensors, read_checkpoint, training_state)
 from config import (ConfigError, accumulation_steps, config_to_dict, defaults_note, get_config,
                     run_folder)
-from data import Loaders, build_loader, prepare_demo_data
-from distributed import (DistContext, barrier, broadcast_buffers, init_distributed,
-                         leave_process_group, stop_watching, writing_files)
+from data import Loaders, build_loader, loader_worker_deaths_reported, prepare_demo_data
+from distributed import (DistContext, barrier, broadcast_buffers, check_processes_agree,
+                         init_distributed, leave_process_group, stop_watching, writing_files)
 from engine import (EvalResult, NonFiniteGuard, StepSettings, evaluate, measure_throughput,
                     throughput_batch, train_one_epoch)
 from lr_scheduler import build_scheduler, scaled_learning_rates
 from models import build_model
 from optimizer import build_optimizer
-from resume import resume_training
+from resume import flatten, resume_training
 from run_outputs import RunOutputs
-from utils import UserError, seed_everything
+from utils import UserError, code_version, seed_everything
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -169,12 +170,33 @@ def run(args: argparse.Namespace) -> None:
         checkpoint = read_checkpoint(config.MODEL.RESUME) if config.EVAL_MODE else None
         setup = set_up(config, ctx, logger, outputs,
                        classes=checkpoint.get('classes') if checkpoint else None)
-        if config.THROUGHPUT_MODE:
-            measure(setup, outputs)
-        elif config.EVAL_MODE:
-            evaluate_checkpoint(setup, outputs, checkpoint)
-        else:
-            train(setup, outputs)
+        with loader_worker_deaths_reported():
+            if config.THROUGHPUT_MODE:
+                measure(setup, outputs)
+            elif config.EVAL_MODE:
+                evaluate_checkpoint(setup, outputs, checkpoint)
+            else:
+                train(setup, outputs)
+
+
+# Config keys that may differ between the processes of a job: a machine's own paths (the data
+# itself is compared) and the unused official LOCAL_RANK.
+PER_PROCESS_KEYS = ('DATA.DATA_PATH', 'DATA.DEMO.ROOT', 'LOCAL_RANK')
+
+
+def job_facts(config: CN, loaders: Loaders) -> Dict[str, Any]:
+    """What every process of a job must hold alike (`check_processes_agree`): the class names in
+    the order of the model's outputs, the dataset sizes, the config keys (but PER_PROCESS_KEYS)
+    and the code version."""
+    facts = {
+        'the class names': list(loaders.classes),
+        'the number of training images': len(loaders.dataset_train) if loaders.dataset_train else None,
+        'the number of validation images': len(loaders.dataset_val),
+    }
+    facts.update((f'config key {key}', value) for key, value in flatten(config_to_dict(config)).items()
+                 if key not in PER_PROCESS_KEYS)
+    facts['the code version'] = code_version()
+    return facts
 
 
 def set_up(config: CN, ctx: DistContext, logger: logging.Logger, outputs: RunOutputs,
@@ -182,14 +204,14 @@ def set_up(config: CN, ctx: DistContext, logger: logging.Logger, outputs: RunOut
     """Data (the user's folders or zips, or the built-in demo dataset), the model at the
     data's class count and its precision, and the modules that train and evaluate on batches."""
     if not config.DATA.DATA_PATH:
-        demo_path, written = prepare_demo_data(config, ctx.is_main)
+        demo_path, written = prepare_demo_data(config)
         logger.info(f"no --data-path given: using the built-in demo dataset (10 classes of "
                     f"procedural shapes) {'written to' if written else 'cached in'} {demo_path}")
-        barrier()
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
     loaders = build_loader(config, ctx.rank, ctx.world_size, with_train=training,
                            classes=classes)
-    logger.info(config.dump())
+    if ctx.world_size > 1:
+        check_processes_agree(job_facts(config, loaders))
     if loaders.num_classes != config.MODEL.NUM_CLASSES:
         logger.info(f"the model has {loaders.num_classes} outputs, the number of classes in the "
                     f"{'training data' if training else 'checkpoint or validation data'}, not "
@@ -207,8 +229,10 @@ def set_up(config: CN, ctx: DistContext, logger: logging.Logger, outputs: RunOut
     logger.info(f"{config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                 f"parameters")
     if config.MODEL.PRETRAINED:
+        logger.info(f"fine-tuning from {config.MODEL.PRETRAINED}: its weights, adapted where this "
+                    f"model differs (a warning for each change)")
         load_pretrained(config.MODEL.PRETRAINED, model)
-        logger.info(f"fine-tuning from {config.MODEL.PRETRAINED}")
+    logger.info(config.dump())  # after the lines above, which say what the run starts from
     model.to(ctx.device)
     amp_dtype = resolve_amp_dtype(config, ctx.device)
     logger.info(f"mixed precision: {amp_dtype or 'off'}")
@@ -240,18 +264,30 @@ def measure(setup: RunSetup, outputs: RunOutputs) -> None:
 
 
 def evaluate_checkpoint(setup: RunSetup, outputs: RunOutputs, checkpoint: dict) -> None:
-    """--eval: the accuracy of the weights of MODEL.RESUME."""
+    """--eval: the accuracy of the weights of MODEL.RESUME. With --model-ema, of the EMA weights
+    it holds; otherwise of its model weights and, where it holds EMA weights too, of those as
+    well, as training reports both."""
     path = setup.config.MODEL.RESUME
-    load_for_evaluation(path, setup.model, checkpoint)
-    setup.logger.info(f"evaluating {path}")
+    ema_only = setup.config.TRAIN.EMA.ENABLE
+    load_for_evaluation(path, setup.model, checkpoint, ema=ema_only)
+    setup.logger.info(f"evaluating {'the EMA weights of ' if ema_only else ''}{path}")
     result = evaluate(setup.evaluator, setup.loaders.loader_val, setup.ctx.device,
                       setup.amp_dtype)
-    log_accuracy(setup.logger, result)
+    log_accuracy(setup.logger, result, 'EMA network' if ema_only else 'network')
+    ema_result = result if ema_only else None
+    if not ema_only and checkpoint.get('ema'):
+        ema_model = copy.deepcopy(setup.model)
+        load_for_evaluation(path, ema_model, checkpoint, ema=True)
+        ema_result = evaluate(ema_model, setup.loaders.loader_val, setup.ctx.device,
+                              setup.amp_dtype)
+        log_accuracy(setup.logger, ema_result, 'EMA network')
     trained_epochs = checkpoint.get('epoch')
     outputs.append_metrics({
         'epoch': trained_epochs if isinstance(trained_epochs, int) else None,
         'acc1': result.acc1, 'acc5': result.acc5, 'loss': result.loss, 'max_acc1': result.acc1,
-        'ema_acc1': None, 'num_images': result.num_images, 'checkpoint': path})
+        'ema_acc1': ema_result.acc1 if ema_result is not None else None,
+        'num_images': result.num_images, 'checkpoint': path,
+        'weights': 'ema' if ema_only else 'model'})
     outputs.write_config('eval', config_record(setup.config),
                          {'MODEL.NUM_CLASSES': setup.loaders.num_classes,
                           'processes': setup.ctx.world_size})

@@ -72,6 +72,28 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def metrics_lines(path: str) -> List[Tuple[str, Any]]:
+    """(line, record) of each line of the `metrics.jsonl` at `path` (none when it does not
+    exist), each line ending in a newline; the record is None for a line cut short by a kill.
+    The one reader of the file: the run itself and the scripts read it through here."""
+    if not os.path.isfile(path):
+        return []
+    parsed = []
+    with open(path) as f:
+        for line in f:
+            line = line if line.endswith('\n') else line + '\n'
+            try:
+                parsed.append((line, json.loads(line)))
+            except json.JSONDecodeError:
+                parsed.append((line, None))
+    return parsed
+
+
+def read_metrics(path: str) -> List[Dict[str, Any]]:
+    """The records of the `metrics.jsonl` at `path`, without lines cut short by a kill."""
+    return [record for _, record in metrics_lines(path) if isinstance(record, dict)]
+
+
 class RunOutputs:
     """The run folder of one run, locked against a second run for as long as this object is
     open. The lock is an `fcntl.flock` on `run.lock` (which holds the owner's pid), so the
@@ -187,13 +209,6 @@ class RunOutputs:
             with self._writing(self.metrics_path), open(self.metrics_path, 'a') as f:
                 f.write(json.dumps(json_safe(record), allow_nan=False) + '\n')
 
-    def _metrics_lines(self) -> List[str]:
-        """The lines of `metrics.jsonl` (none when it does not exist), each ending in a newline."""
-        if not os.path.isfile(self.metrics_path):
-            return []
-        with open(self.metrics_path) as f:
-            return [line if line.endswith('\n') else line + '\n' for line in f]
-
     @staticmethod
     def _training_epoch(record: Any) -> Optional[int]:
         """The epoch of a training record (an epoch's line), None for other records
@@ -201,20 +216,9 @@ class RunOutputs:
         epoch = record.get('epoch') if isinstance(record, dict) and 'train_loss' in record else None
         return epoch if isinstance(epoch, int) else None
 
-    def _metrics_records(self) -> List[Tuple[str, Any]]:
-        """(line, record) of each line of `metrics.jsonl`; the record is None for a line cut
-        short by a kill."""
-        parsed = []
-        for line in self._metrics_lines():
-            try:
-                parsed.append((line, json.loads(line)))
-            except json.JSONDecodeError:
-                parsed.append((line, None))
-        return parsed
-
     def training_record_epochs(self) -> List[int]:
         """The epochs that `metrics.jsonl` holds training records of (read on every rank)."""
-        epochs = (self._training_epoch(record) for _, record in self._metrics_records())
+        epochs = (self._training_epoch(record) for _, record in metrics_lines(self.metrics_path))
         return sorted(epoch for epoch in epochs if epoch is not None)
 
     def drop_training_metrics_from(self, epoch: int) -> List[int]:
@@ -225,7 +229,7 @@ class RunOutputs:
         if not self.is_main:
             return []
         kept, dropped = [], []
-        for line, record in self._metrics_records():
+        for line, record in metrics_lines(self.metrics_path):
             line_epoch = self._training_epoch(record)
             if line_epoch is not None and line_epoch >= epoch:
                 dropped.append(line_epoch)

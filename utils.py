@@ -1,5 +1,9 @@
-"""Small helpers shared by the training code: the user-error type and seeding."""
+"""Small helpers shared by the training code: the user-error type, seeding and the code version."""
+import hashlib
+import os
 import random
+import subprocess
+from typing import Optional
 
 import numpy as np
 import torch
@@ -19,3 +23,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def code_version() -> Optional[str]:
+    """The git commit of this checkout, with a hash of its uncommitted changes to tracked files
+    if it has any ('<commit>+<hash>'); None where git or the repository is missing."""
+    def git(*args: str) -> Optional[str]:
+        try:
+            result = subprocess.run(['git', *args], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                    capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return result.stdout.decode(errors='replace') if result.returncode == 0 else None
+
+    commit, changes = git('rev-parse', 'HEAD'), git('diff', 'HEAD')
+    if not commit:
+        return None
+    return commit.strip() + (f'+{hashlib.sha256(changes.encode()).hexdigest()[:12]}' if changes else '')

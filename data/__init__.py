@@ -1,4 +1,4 @@
 """Datasets and loaders: ImageNet folders or zips, and the procedural demo dataset."""
-from .build import Loaders, build_loader, data_path_of, prepare_demo_data
+from .build import Loaders, build_loader, data_path_of, loader_worker_deaths_reported, prepare_demo_data
 
-__all__ = ['Loaders', 'build_loader', 'data_path_of', 'prepare_demo_data']
+__all__ = ['Loaders', 'build_loader', 'data_path_of', 'loader_worker_deaths_reported', 'prepare_demo_data']

@@ -1,7 +1,8 @@
 """`build_loader(config)`: datasets, transforms, samplers, loaders and mixup for a run."""
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from timm.data import Mixup
@@ -40,6 +41,33 @@ class Loaders:
         self.worker_seeder.set_epoch(epoch)
 
 
+class LoaderWorkerDiedError(DataError):
+    """A data-loading worker process ended without an error of its own (e.g. killed by a
+    signal)."""
+
+
+@contextlib.contextmanager
+def loader_worker_deaths_reported() -> Iterator[None]:
+    """Turn PyTorch's report of a loader worker that died (a `RuntimeError` from the loader,
+    'DataLoader worker (pid N) is killed by signal: Killed.' or '... exited unexpectedly')
+    into a `LoaderWorkerDiedError`: the cause is outside the program (most often the system's
+    out-of-memory killer), so the run ends with one line instead of a traceback."""
+    def reports_a_worker_death(error: BaseException) -> bool:
+        return isinstance(error, RuntimeError) and str(error).startswith('DataLoader worker (pid')
+
+    try:
+        yield
+    except RuntimeError as error:
+        if not reports_a_worker_death(error):
+            raise
+        while reports_a_worker_death(error.__cause__):  # the signal, where the loader saw it
+            error = error.__cause__
+        raise LoaderWorkerDiedError(
+            f"a data-loading worker died: {str(error).strip().rstrip('.')}. If the system killed "
+            f"it for memory, lower DATA.NUM_WORKERS or --batch-size; a training run resumes from "
+            f"its last checkpoint") from None
+
+
 def demo_data_path(config: CN) -> str:
     """Where the procedural demo dataset for this config lives."""
     demo = config.DATA.DEMO
@@ -48,15 +76,14 @@ def demo_data_path(config: CN) -> str:
                             demo.VAL_PER_CLASS)
 
 
-def prepare_demo_data(config: CN, is_main: bool) -> Tuple[str, bool]:
-    """Write the demo dataset (main process only) and return its path and whether it is new.
-    Other processes must wait at a barrier before reading it."""
+def prepare_demo_data(config: CN) -> Tuple[str, bool]:
+    """Write the demo dataset unless it is there, and return its path and whether this call
+    wrote it. Every process calls it: one draws, the others wait for it (`write_demo_dataset`),
+    also where processes on several machines have caches of their own."""
     root = demo_data_path(config)
-    written = False
-    if is_main:
-        demo = config.DATA.DEMO
-        written = write_demo_dataset(root, demo.IMAGE_SIZE, demo.TRAIN_PER_CLASS,
-                                     demo.VAL_PER_CLASS, seed=config.SEED)
+    demo = config.DATA.DEMO
+    written = write_demo_dataset(root, demo.IMAGE_SIZE, demo.TRAIN_PER_CLASS, demo.VAL_PER_CLASS,
+                                 seed=config.SEED)
     return root, written
 
 

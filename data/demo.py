@@ -4,6 +4,7 @@ Each image has random colours, position, size and pixel noise, so the class is c
 the shape, which a small model learns in a few epochs on a CPU. It is written once as an
 ImageFolder tree (`train/<class>/*.png`, `val/<class>/*.png`) and reused by later runs.
 """
+import fcntl
 import os
 import shutil
 import tempfile
@@ -128,26 +129,47 @@ def demo_dataset_dir(cache_root: str, image_size: int, train_per_class: int,
 
 def write_demo_dataset(root: str, image_size: int, train_per_class: int,
                        val_per_class: int, seed: int = 0) -> bool:
-    """Write the dataset to `root` unless a complete copy is there; True if it was written.
+    """Write the dataset to `root` unless a complete copy is there; True if this call drew it.
 
-    It is drawn in a temporary sibling folder and renamed into place, so an interrupted run
-    never leaves a half-written dataset behind.
+    Runs that start together (processes of one job, or separate runs sharing the cache) may all
+    ask for it: one draws it while holding a lock on `.<name>.lock` beside it, and the others
+    wait for the lock and then find it complete. It is drawn in a temporary sibling folder and
+    renamed into place with its completion marker, so `root` is either absent or complete, and
+    a complete copy, which other runs may be reading, is never deleted or replaced.
     """
-    if os.path.exists(os.path.join(root, COMPLETE_MARKER)):
+    if is_complete(root):
         return False
-    parent = os.path.dirname(os.path.abspath(root))
+    parent, name = os.path.split(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix='.demo-', dir=parent)
+    with open(os.path.join(parent, f'.{name}.lock'), 'a') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if is_complete(root):
+            return False
+        if os.path.exists(root):  # incomplete, so never published: no run reads it
+            shutil.rmtree(root)
+        staging = tempfile.mkdtemp(prefix=f'.{name}-', dir=parent)
+        try:
+            draw_dataset(staging, image_size, train_per_class, val_per_class, seed)
+            os.replace(staging, root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return True
+
+
+def is_complete(root: str) -> bool:
+    return os.path.exists(os.path.join(root, COMPLETE_MARKER))
+
+
+def draw_dataset(folder: str, image_size: int, train_per_class: int, val_per_class: int,
+                 seed: int) -> None:
+    """`train/<class>/*.png` and `val/<class>/*.png` in `folder`, then the completion marker."""
     rng = np.random.default_rng(seed)
     for split, per_class in (('train', train_per_class), ('val', val_per_class)):
         for class_name in CLASSES:
-            folder = os.path.join(staging, split, class_name)
-            os.makedirs(folder)
+            class_folder = os.path.join(folder, split, class_name)
+            os.makedirs(class_folder)
             for index in range(per_class):
                 draw_image(class_name, image_size, rng).save(
-                    os.path.join(folder, f'{class_name}_{index:05d}.png'))
-    open(os.path.join(staging, COMPLETE_MARKER), 'w').close()
-    if os.path.exists(root):
-        shutil.rmtree(root)
-    os.replace(staging, root)
-    return True
+                    os.path.join(class_folder, f'{class_name}_{index:05d}.png'))
+    open(os.path.join(folder, COMPLETE_MARKER), 'w').close()

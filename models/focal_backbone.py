@@ -137,7 +137,8 @@ class FocalBackbone(nn.Module):
         for prefix in self._pruned_prefixes:
             dropped = [name for name in body if name.startswith(prefix)]
             if dropped:
-                _logger.info('checkpoint %s* (%d tensors) is not used by the backbone: dropped', prefix, len(dropped))
+                _logger.warning('checkpoint %s* (%d tensors) is not used by the backbone: dropped',
+                                prefix, len(dropped))
                 body = {k: v for k, v in body.items() if not k.startswith(prefix)}
         self.body.load_state_dict(checkpoint_filter_fn(body, self.body), strict=True)
         self._load_stage_norms(stage_norms)
@@ -146,7 +147,7 @@ class FocalBackbone(nn.Module):
     def _load_stage_norms(self, state_dict: Dict[str, torch.Tensor]) -> None:
         wanted = {f'norm{i}' for i in self.out_indices}
         for name in sorted({STAGE_NORM.match(k).group(0)[:-1] for k in state_dict} - wanted):
-            _logger.info('checkpoint %s is not an output stage norm of this backbone: dropped', name)
+            _logger.warning('checkpoint %s is not an output stage norm of this backbone: dropped', name)
         for i in self.out_indices:
             norm = self.stage_norm(i)
             own = {k[len(f'norm{i}.'):]: v for k, v in state_dict.items() if k.startswith(f'norm{i}.')}
@@ -155,7 +156,7 @@ class FocalBackbone(nn.Module):
             else:
                 nn.init.ones_(norm.weight)
                 nn.init.zeros_(norm.bias)
-                _logger.info('checkpoint lacks norm%d (stage %d output norm): initialised to weight 1, bias 0', i, i)
+                _logger.warning('checkpoint lacks norm%d (stage %d output norm): initialised to weight 1, bias 0', i, i)
 
     @classmethod
     def from_pretrained(cls, variant: str, checkpoint: Optional[Checkpoint] = None, **kwargs) -> 'FocalBackbone':

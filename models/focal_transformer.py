@@ -591,8 +591,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     `model.load_state_dict(sd, strict=True)` accepts.
 
     Accepts a dict holding 'model' or 'state_dict', or a bare state dict, with or without
-    `module.` prefixes. Drops the official index/mask buffers (recomputed here). Adapts, logging
-    one line each: a head of another class count (re-initialised), position tables, absolute
+    `module.` prefixes. Drops the official index/mask buffers (recomputed here). Adapts, warning
+    once each: a head of another class count (re-initialised), position tables, absolute
     position embeddings and pooling weights of another window size (bicubic resize), position
     tables the checkpoint lacks or the model lacks (kept at init / dropped). Anything else that
     differs raises ValueError listing the keys.
@@ -606,7 +606,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
             if any(buffer in name for buffer in OFFICIAL_BUFFERS):
                 continue
             if name.startswith('head.') or name.endswith('relative_position_bias_table_to_neighbors'):
-                _logger.info('checkpoint %s %s is not used by this model: dropped', name, tuple(value.shape))
+                _logger.warning('checkpoint %s %s is not used by this model: dropped', name, tuple(value.shape))
                 continue
             unexpected.append(name)
             continue
@@ -614,17 +614,17 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
         if value.shape == wanted.shape:
             result[name] = value
         elif name.startswith('head.'):
-            _logger.info('checkpoint %s %s does not fit the head %s: re-initialised',
+            _logger.warning('checkpoint %s %s does not fit the head %s: re-initialised',
                          name, tuple(value.shape), tuple(wanted.shape))
             result[name] = wanted
         else:
             adapted = None if name.endswith('_to_neighbors') else _adapt_tensor(name, value, wanted)
             if adapted is not None:
-                _logger.info('checkpoint %s resized from %s to %s (bicubic)',
+                _logger.warning('checkpoint %s resized from %s to %s (bicubic)',
                              name, tuple(value.shape), tuple(wanted.shape))
                 result[name] = adapted.to(wanted.dtype)
             elif name.endswith('_to_neighbors'):
-                _logger.info('checkpoint %s %s does not fit %s (another window or expand size): kept at init',
+                _logger.warning('checkpoint %s %s does not fit %s (another window or expand size): kept at init',
                              name, tuple(value.shape), tuple(wanted.shape))
                 result[name] = wanted
             else:
@@ -635,7 +635,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
         if name in result:
             continue
         if name.startswith('head.') or any(table in name for table in POSITION_TABLES):
-            _logger.info('checkpoint lacks %s: kept at init', name)
+            _logger.warning('checkpoint lacks %s: kept at init', name)
             result[name] = wanted
         else:
             missing.append(name)

@@ -7,12 +7,22 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 CKPT_DIR="${CKPT_DIR:-.cache/checkpoints}"
 URL_ROOT=https://projects4jw.blob.core.windows.net/model/focal-transformer/imagenet1k
 require_data
+
+# download URL FILE: fetch URL into FILE's folder under a temporary name, then rename it to FILE,
+# so that FILE is absent or complete: an interrupted download leaves nothing a later run would
+# take for the checkpoint, and scripts downloading at once never read each other's partial file.
+download() {
+    mkdir -p "$(dirname "$2")"
+    curl -fL -o "$2.part.$$" "$1" || { rm -f "$2.part.$$"; return 1; }
+    mv -f "$2.part.$$" "$2"
+}
+
 for entry in focal_tiny:focal-tiny-is224-ws7.pth focal_small:focal-small-is224-ws7.pth \
              focal_base:focal-base-is224-ws7.pth; do
     config="configs/${entry%%:*}.yaml"
     checkpoint="$CKPT_DIR/${entry#*:}"
     if [[ ! -f "$checkpoint" ]]; then
-        run curl -fL --create-dirs -o "$checkpoint" "$URL_ROOT/${entry#*:}"
+        run download "$URL_ROOT/${entry#*:}" "$checkpoint"
     fi
     args=(--cfg "$config" --data-path "$DATA" --output "$OUTPUT" --tag released)
     run torchrun --standalone --nproc_per_node="$NPROC" main.py "${args[@]}" --batch-size "$BATCH" \

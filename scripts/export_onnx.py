@@ -31,7 +31,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint import CheckpointError, classifier_rows, load_weights, model_weights, read_checkpoint  # noqa: E402
+from checkpoint import CheckpointError, classifier_rows, load_exactly, read_checkpoint  # noqa: E402
 from config import load_config  # noqa: E402
 from models import build_model, unwrap_state_dict  # noqa: E402
 from models.build import focal_kwargs_from_config  # noqa: E402
@@ -96,12 +96,6 @@ def build_backbone(cfg: Optional[str], model_name: Optional[str], opts: Sequence
         return FocalBackbone(out_indices=out_indices, **kwargs)
     except ValueError as error:  # out_indices outside the model's stages
         raise ExportError(f'--out-indices {" ".join(map(str, out_indices))}: {error}') from None
-
-
-def load_classifier_checkpoint(model: nn.Module, checkpoint: dict, path: str) -> None:
-    """Load `checkpoint` (ours, a released one or bare) strictly; a FocalTransformer's goes through
-    its checkpoint filter (official key layout, resized position tables)."""
-    load_weights(model, model_weights(checkpoint, model, path), path)
 
 
 def load_backbone_checkpoint(backbone: FocalBackbone, checkpoint: dict, path: str) -> None:
@@ -386,7 +380,7 @@ def run(args: argparse.Namespace) -> None:
             if trained is not None and trained != classifier_rows(model.state_dict(), model):
                 logger.info(f'{args.checkpoint} has a head for {trained} classes: exporting the model with {trained}')
                 model, default_size = build_classifier(args.cfg, args.model, args.opts, num_classes=trained)
-            load_classifier_checkpoint(model, checkpoint, args.checkpoint)
+            load_exactly(model, checkpoint, args.checkpoint)
     model = model.eval()
     size = export_size(args, default_size, model)
     kind = f'backbone (stages {", ".join(map(str, model.out_indices))})' if args.backbone else 'classifier'

@@ -13,7 +13,6 @@ this repository does not train.
 """
 import argparse
 import functools
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ sys.path.insert(0, REPO_ROOT)
 from config import load_config as load_config_file, run_folder  # noqa: E402
 from models import build_model  # noqa: E402
 from models.complexity import count_gflops, count_params_m  # noqa: E402
+from run_outputs import read_metrics  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -214,18 +214,15 @@ def model_complexity(config_path: str) -> Tuple[float, float]:
     return count_params_m(model), count_gflops(model, config.DATA.IMG_SIZE)
 
 
-def read_metrics(path: str) -> Tuple[List[dict], Optional[float]]:
-    """The evaluation lines of a metrics.jsonl and its last measured throughput."""
+def evaluations_and_throughput(path: str) -> Tuple[List[dict], Optional[float]]:
+    """The evaluation records of a metrics.jsonl (read by `run_outputs.read_metrics`, which
+    leaves out a line cut short by a kill) and its last measured throughput."""
     evals, throughput = [], None
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if 'acc1' in record:
-                evals.append(record)
-            if 'throughput' in record:
-                throughput = record['throughput']
+    for record in read_metrics(path):
+        if 'acc1' in record:
+            evals.append(record)
+        if 'throughput' in record:
+            throughput = record['throughput']
     return evals, throughput
 
 
@@ -241,7 +238,7 @@ def measure(row: Row, output: str, tag: str) -> Result:
     metrics = os.path.join(run_folder(config), 'metrics.jsonl')
     if os.path.isfile(metrics):
         result.run_dir = os.path.dirname(metrics)
-        result.evals, result.throughput = read_metrics(metrics)
+        result.evals, result.throughput = evaluations_and_throughput(metrics)
         result.epochs = config.TRAIN.EPOCHS
         run_config = os.path.join(result.run_dir, 'config.yaml')
         if os.path.isfile(run_config):

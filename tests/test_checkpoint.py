@@ -116,3 +116,30 @@ def test_whole_model_saved_with_torch_save_is_converted_to_its_weights(tmp_path)
     ckpt.load_for_evaluation(str(converted), fresh)
     for name, value in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], value), name
+
+
+def test_exact_loading_names_what_is_missing_of_another_shape_or_beyond_the_model():
+    """Any model: names and shapes of the file against `model.state_dict()`, one line, and the
+    way to fine-tune instead."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    weights = {f'module.{name}': value for name, value in model.state_dict().items()}
+    weights.pop('module.2.bias')
+    weights['module.0.weight'] = torch.zeros(5, 4)
+    weights['module.3.weight'] = torch.zeros(3, 3)
+    with pytest.raises(ckpt.CheckpointError) as raised:
+        ckpt.exact_weights({'model': weights}, model, 'file.pth')
+    message = str(raised.value)
+    assert '\n' not in message
+    assert 'does not fit this Sequential exactly: missing 2.bias; ' in message
+    assert 'shape differs (file -> model): 0.weight (5, 4) -> (4, 4); not in the model: 3.weight' in message
+    assert message.endswith('fine-tune from it (main.py --pretrained file.pth)')
+
+
+def test_exact_loading_takes_every_tensor_as_stored_and_skips_recomputed_index_buffers():
+    """The official releases hold index tables and attention masks that our models recompute."""
+    torch.manual_seed(0)
+    model, trained = nn.Linear(4, 3), nn.Linear(4, 3)
+    stored = dict(trained.state_dict(), relative_position_index=torch.zeros(9, dtype=torch.long),
+                  **{'blocks.1.attn_mask': torch.zeros(4, 4)})
+    ckpt.load_exactly(model, {'state_dict': stored}, 'file.pth')
+    assert torch.equal(model.weight, trained.weight) and torch.equal(model.bias, trained.bias)

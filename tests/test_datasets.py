@@ -3,14 +3,16 @@ unreadable archive or map) and what only skips one image with a warning and a co
 or vanished member, a pixel format with no 8-bit meaning); 16-bit and float images converted by
 their real range."""
 import io
+import os
 import re
+import threading
 import zipfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from data import images
+from data import demo, images
 from data.images import DataError, ImageDataset, decode_rgb, zip_samples
 
 
@@ -186,3 +188,39 @@ def test_unreadable_data_folder_is_an_error_naming_it(tmp_path, monkeypatch):
     monkeypatch.setattr(images.os, 'scandir', refuse)
     with pytest.raises(DataError, match=f'^cannot read the data folder {tmp_path}: Permission denied$'):
         images.folder_samples(str(tmp_path))
+
+
+def test_runs_drawing_the_demo_dataset_at_once_draw_it_once_and_never_replace_it(tmp_path, monkeypatch):
+    """Two runs start on a fresh cache: the first is drawing when the second asks. The second
+    must wait for the first's copy instead of drawing its own and replacing (deleting) the one
+    the first run reads. Before the lock, the second published first and the first then
+    replaced it."""
+    cache = tmp_path / 'cache'
+    root = str(cache / 'shapes')
+    first_drawing, second_done = threading.Event(), threading.Event()
+    real_draw_image = demo.draw_image
+
+    def draw_image(*args):
+        if threading.current_thread().name == 'first' and not first_drawing.is_set():
+            first_drawing.set()
+            second_done.wait(timeout=1)  # gives the second run time to publish, if nothing stops it
+        return real_draw_image(*args)
+
+    monkeypatch.setattr(demo, 'draw_image', draw_image)
+    drew = {}
+
+    def run(name: str) -> None:
+        drew[name] = demo.write_demo_dataset(root, 32, 1, 1)
+        if name == 'second':
+            second_done.set()
+
+    first = threading.Thread(target=run, args=('first',), name='first')
+    first.start()
+    assert first_drawing.wait(timeout=60)
+    second = threading.Thread(target=run, args=('second',), name='second')
+    second.start()
+    first.join()
+    second.join()
+    assert drew == {'first': True, 'second': False}
+    assert sorted(os.listdir(cache)) == ['.shapes.lock', 'shapes'], "no partial copy left behind"
+    assert len(os.listdir(os.path.join(root, 'val'))) == 10

@@ -1,11 +1,15 @@
 """Two CPU processes (gloo) under torchrun, torch.distributed.launch and no launcher at all."""
+import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
+from typing import List, Tuple
 
 import pytest
 import torch
@@ -13,10 +17,37 @@ import torch
 import main
 from config import get_config
 from data.images import folder_samples
-from conftest import (REPO_ROOT, interrupted_at_epoch, launcher_env, run_main, run_main_subprocess, write_micro_config,
-                      write_tiny_dataset)
+from conftest import (REPO_ROOT, error_line, interrupted_at_epoch, launcher_env, run_main, run_main_subprocess,
+                      write_micro_config, write_tiny_dataset)
+from distributed import Launch, LaunchError, read_launch
 from lr_scheduler import build_scheduler, scaled_learning_rates
 from optimizer import build_optimizer
+
+
+def run_by_hand(args_of_rank: List[List[str]], timeout: int = 180) -> Tuple[List[int], List[str]]:
+    """main.py on the CPU in one process per entry of `args_of_rank`, started without a launcher's
+    agent (as srun or a script of one's own starts them: RANK, WORLD_SIZE, LOCAL_RANK and
+    MASTER_ADDR/PORT set by hand); returns their exit statuses and what they wrote on stderr."""
+    port = str(free_port())
+    with contextlib.ExitStack() as files:
+        errors = [files.enter_context(tempfile.TemporaryFile('w+')) for _ in args_of_rank]
+        processes = [
+            subprocess.Popen(
+                [sys.executable, 'main.py', *args, '--device', 'cpu'],
+                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                env=dict(launcher_env(), MASTER_ADDR='127.0.0.1', MASTER_PORT=port,
+                         WORLD_SIZE=str(len(args_of_rank)), RANK=str(rank), LOCAL_RANK=str(rank)))
+            for rank, (args, err) in enumerate(zip(args_of_rank, errors))]
+        try:
+            returncodes = [process.wait(timeout=timeout) for process in processes]
+        finally:
+            for process in processes:
+                process.kill()
+        said = []
+        for err in errors:
+            err.seek(0)
+            said.append(err.read())
+    return returncodes, said
 
 
 def free_port() -> int:
@@ -135,25 +166,8 @@ def test_a_process_without_a_training_batch_stops_the_others_at_once(workspace, 
     for index in list(sampler)[:8]:  # its first batch
         with open(samples[index][0], 'wb') as f:
             f.write(b'not an image')
-    port = str(free_port())
-    with tempfile.TemporaryFile('w+') as err_0, tempfile.TemporaryFile('w+') as err_1:
-        processes = [
-            subprocess.Popen(
-                [sys.executable, 'main.py', '--cfg', workspace['cfg'], '--data-path', str(data),
-                 '--output', str(tmp_path / 'out'), '--device', 'cpu'],
-                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=err,
-                env=dict(launcher_env(), MASTER_ADDR='127.0.0.1', MASTER_PORT=port, WORLD_SIZE='2',
-                         RANK=str(rank), LOCAL_RANK=str(rank)))
-            for rank, err in enumerate((err_0, err_1))]
-        try:
-            returncodes = [process.wait(timeout=180) for process in processes]
-        finally:
-            for process in processes:
-                process.kill()
-        errors = []
-        for err in (err_0, err_1):
-            err.seek(0)
-            errors.append(err.read())
+    args = ['--cfg', workspace['cfg'], '--data-path', str(data), '--output', str(tmp_path / 'out')]
+    returncodes, errors = run_by_hand([args, args])
     assert returncodes == [1, 1], errors
     assert 'Traceback' not in errors[0] + errors[1], errors
     last_lines = [err.strip().splitlines()[-1] for err in errors]
@@ -161,6 +175,93 @@ def test_a_process_without_a_training_batch_stops_the_others_at_once(workspace, 
     assert last_lines[0] == f'error: process 1 of 2 stopped, so process 0 stops too. Its error: ' \
                             f'{last_lines[1][len("error: "):]}'
     assert not os.path.exists(tmp_path / 'out' / 'micro_focal' / 'default' / 'ckpt_epoch_0.pth')
+
+
+def test_processes_whose_data_name_other_classes_stop_before_training(workspace, tmp_path):
+    """Process 1's train/ holds as many classes as process 0's, one under another name, so an
+    index would mean another class in each: both stop with one line naming the first
+    difference, before training."""
+    renamed = tmp_path / 'renamed'
+    for split in ('train', 'val'):
+        (renamed / split).mkdir(parents=True)
+        for name in sorted(os.listdir(os.path.join(workspace['data'], split))):
+            os.symlink(os.path.join(workspace['data'], split, name),
+                       renamed / split / ('disc' if name == 'circle' else name))
+    output = str(tmp_path / 'out')
+    returncodes, errors = run_by_hand(
+        [['--cfg', workspace['cfg'], '--data-path', data, '--output', output]
+         for data in (workspace['data'], str(renamed))])
+    assert returncodes == [1, 1], errors
+    assert 'Traceback' not in errors[0] + errors[1], errors
+    for err in errors:
+        assert "error: " in err and "the 2 processes of this job disagree on the class names: entry 1 is " \
+            "'circle' in process 0 but 'cross' in process 1 (process 1 differs from process 0)" in \
+            err.strip().splitlines()[-1], errors
+    assert not os.path.exists(os.path.join(output, 'micro_focal', 'default', 'metrics.jsonl'))
+
+
+@pytest.mark.parametrize('environ, local_rank_arg, message', [
+    ({'RANK': '1'}, None, 'RANK=1 is set but WORLD_SIZE is not'),
+    ({}, 1, '--local-rank 1 is set but WORLD_SIZE is not'),
+    ({'WORLD_SIZE': '2'}, None, 'WORLD_SIZE=2 is set but RANK is not'),
+    ({'WORLD_SIZE': 'two', 'RANK': '0'}, None, "WORLD_SIZE='two' is not an integer"),
+    ({'WORLD_SIZE': '0', 'RANK': '0'}, None, 'WORLD_SIZE=0 is out of range: it must be at least 1'),
+    ({'WORLD_SIZE': '2', 'RANK': '5'}, None, 'RANK=5 is out of range for WORLD_SIZE=2: ranks are 0 to 1'),
+    ({'WORLD_SIZE': '4', 'RANK': '3', 'LOCAL_RANK': '2', 'LOCAL_WORLD_SIZE': '2'}, None,
+     'LOCAL_RANK=2 is out of range for LOCAL_WORLD_SIZE=2: local ranks are 0 to 1'),
+    ({'WORLD_SIZE': '2', 'RANK': '0', 'LOCAL_RANK': '1'}, None, 'LOCAL_RANK=1 is out of range for RANK=0'),
+    ({'WORLD_SIZE': '2', 'RANK': '1'}, None, "WORLD_SIZE=2 needs MASTER_ADDR, the address of process 0's machine"),
+    ({'WORLD_SIZE': '2', 'RANK': '1', 'MASTER_ADDR': 'node0'}, None, 'WORLD_SIZE=2 needs MASTER_PORT'),
+    ({'WORLD_SIZE': '2', 'RANK': '1', 'MASTER_ADDR': 'node0', 'MASTER_PORT': '70000'}, None,
+     'MASTER_PORT=70000 is out of range: ports are 1 to 65535'),
+])
+def test_launcher_variables_that_do_not_form_a_job_name_what_is_wrong(environ, local_rank_arg, message):
+    with pytest.raises(LaunchError, match=re.escape(message)):
+        read_launch(environ, local_rank_arg)
+
+
+def test_launcher_variables_that_form_a_job_place_the_process():
+    assert read_launch({}) == read_launch({'WORLD_SIZE': '1'}) == Launch(0, 1, 0, None)
+    assert read_launch({'RANK': '0', 'WORLD_SIZE': '1'}, local_rank_arg=0) == Launch(0, 1, 0, None)
+    torchrun = {'RANK': '3', 'WORLD_SIZE': '4', 'LOCAL_RANK': '1', 'LOCAL_WORLD_SIZE': '2',
+                'MASTER_ADDR': 'node0', 'MASTER_PORT': '29500'}
+    assert read_launch(torchrun, local_rank_arg=0) == Launch(3, 4, 1, ('node0', 29500)), "LOCAL_RANK wins"
+
+
+def test_a_rank_without_world_size_stops_eval_with_one_line_before_reading_anything(
+        workspace, tmp_path, monkeypatch, capsys):
+    """It used to evaluate as a process that is not the main one: no output, no record, and
+    one image of two skipped."""
+    for name in ('WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('RANK', '1')
+    assert run_main(['--cfg', workspace['cfg'], '--data-path', workspace['data'], '--eval',
+                     '--resume', 'any.pth', '--output', str(tmp_path)]) == 1
+    assert 'RANK=1 is set but WORLD_SIZE is not' in error_line(capsys)
+
+
+def test_a_process_waiting_for_a_job_that_is_not_there_says_so_within_seconds(tmp_path):
+    """Process 1 of 2 whose process 0 never starts: within seconds, one line says what it waits
+    for and where (instead of the process group's 30-minute timeout in silence)."""
+    port = free_port()
+    env = dict(launcher_env(), WORLD_SIZE='2', RANK='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    with tempfile.TemporaryFile('w+') as err:
+        process = subprocess.Popen(
+            [sys.executable, '-c', 'import distributed; distributed.init_distributed(None, "cpu")'],
+            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 60
+            while process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+                err.seek(0)
+                said = err.read()
+                if 'waiting' in said:
+                    break
+        finally:
+            process.kill()
+            process.wait()
+    assert f'warning: process 1 of 2 is waiting for the other processes of its job at 127.0.0.1:{port}' in said, said
+    assert 'Traceback' not in said
 
 
 def test_launched_processes_keep_the_given_pythonpath(monkeypatch, tmp_path):

@@ -108,6 +108,44 @@ def test_fp16_grad_scaler_steps_and_tracks_its_scale():
     assert scaler.get_scale() == 2.0 ** 11, "three good steps grow the scale three times"
 
 
+class RecordingWriter:
+    def __init__(self) -> None:
+        self.scalars = {}
+
+    def add_scalar(self, name: str, value: float, step: int) -> None:
+        self.scalars.setdefault(name, []).append(value)
+
+
+def test_a_step_the_grad_scaler_skips_reports_no_infinite_gradient_norm(caplog):
+    """fp16 on a CPU: the scaler's first step overflows (as at a too large initial scale) and is
+    skipped, lowering the scale; the epoch's gradient norm is that of the steps taken."""
+    model = ToyClassifier()
+    overflowed = []
+
+    def overflow_once(grad):
+        if not overflowed:
+            overflowed.append(True)
+            return grad * float('inf')
+        return grad
+
+    model.head.weight.register_hook(overflow_once)
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 8)
+    writer = RecordingWriter()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level(logging.INFO, logger=LOGGER.name):
+        train_one_epoch(model=model, criterion=nn.CrossEntropyLoss(), loader=toy_batches(3, 4),
+                        optimizer=optimizer, scheduler=RecordingScheduler(), scaler=scaler,
+                        epoch=0, num_epochs=1, steps_per_epoch=3,
+                        settings=StepSettings(amp_dtype=torch.float16, print_freq=1),
+                        guard=NonFiniteGuard(3, LOGGER), device=torch.device('cpu'), logger=LOGGER,
+                        tb_writer=writer)
+    assert scaler.get_scale() == 2.0 ** 7, "the overflow lowered the scale"
+    assert len(writer.scalars['train/loss']) == 3 and len(writer.scalars['train/grad_norm']) == 2
+    assert all(math.isfinite(norm) for norm in writer.scalars['train/grad_norm'])
+    last = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Train:')][-1]
+    assert 'inf' not in last.split('grad_norm')[1], last
+
+
 def test_evaluate_counts_top1_top5_and_loss():
     model = ToyClassifier()
     batches = toy_batches(3, 5)

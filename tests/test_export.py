@@ -189,6 +189,9 @@ def test_an_export_that_fails_validation_keeps_the_previous_file(tmp_path, capsy
     (['--img-size', '16'], '--img-size 16 16 is too small: this model needs at least 32 px a side'),
     (['--img-size', '32', '32', '32'], '--img-size takes one side or HEIGHT WIDTH'),
     (['--opts', 'MODEL.FOCAL.EMBED_DIM', '24', '--checkpoint', 'weights.pth'], 'does not fit this FocalTransformer'),
+    # exported as trained: a table of another expand size is neither resized nor left at its initialisation
+    (['--opts', 'MODEL.FOCAL.EXPAND_SIZES', '[2, 2, 2, 2]', '--checkpoint', 'weights.pth'],
+     'exactly: shape differs (file -> model): layers.0.blocks.0.attn.relative_position_bias_table_to_neighbors'),
     (['--output', 'no/such/folder/f.onnx'], 'no/such/folder does not exist'),
 ])
 def test_bad_config_input_is_one_error_line(arguments, message, tmp_path, capsys, monkeypatch):

@@ -221,7 +221,7 @@ def test_scripts_run_exactly_the_rows_of_their_tables():
 
 def test_eval_released_evaluates_each_checkpoint_it_downloads(tmp_path):
     commands = dry_run('eval_released.sh', CKPT_DIR=str(tmp_path))
-    downloads = [command[command.index('-o') + 1] for command in commands if command[0] == 'curl']
+    downloads = [command[2] for command in commands if command[0] == 'download']
     evaluated = [command[command.index('--resume') + 1]
                  for command in commands if '--eval' in command]
     assert len(downloads) == 3 and evaluated == downloads
@@ -383,3 +383,13 @@ def test_unfinished_run_shows_its_progress(tmp_path):
     result = make_tables.measure(row, str(tmp_path), 'default')
     epochs = make_tables.load_config('configs/demo.yaml').TRAIN.EPOCHS
     assert make_tables.top1_cell(result) == f'40.00 (max 42.50) (epoch 4/{epochs})'
+
+
+def test_a_metrics_line_cut_short_by_a_kill_leaves_the_others_in_the_table(tmp_path):
+    run_dir = tmp_path / 'focal_demo' / 'default'
+    run_dir.mkdir(parents=True)
+    (run_dir / 'metrics.jsonl').write_text(
+        json.dumps({'epoch': 3, 'acc1': 40.0, 'acc5': 80.0, 'loss': 1.0, 'max_acc1': 42.5,
+                    'ema_acc1': None}) + '\n' + '{"epoch": 4, "acc1": 41.')
+    result = make_tables.measure(make_tables.Row('Demo', 'configs/demo.yaml'), str(tmp_path), 'default')
+    assert [record['epoch'] for record in result.evals] == [3]

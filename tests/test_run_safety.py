@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -135,6 +136,45 @@ def test_resuming_on_other_classes_is_an_error(tmp_path, tiny_data, trained_run,
     assert run_main(run_args(tmp_path, str(data), '--resume', trained_run['checkpoint'])) == 1
     line = error_line(capsys)
     assert 'was trained on 10 classes, the training data has 10, differing in circle, disc' in line
+
+
+# 1b. Exact loading: evaluating and resuming take the weights as trained ------------------------
+
+def test_eval_of_a_file_without_the_head_stops_instead_of_scoring_a_random_head(
+        tmp_path, tiny_data, trained_run, capsys):
+    backbone_only = str(tmp_path / 'backbone.pth')
+    weights = load_checkpoint(trained_run['checkpoint'])['model']
+    torch.save({'model': {k: v for k, v in weights.items() if not k.startswith('head.')}}, backbone_only)
+    assert run_main(run_args(tmp_path, tiny_data, '--eval', '--resume', backbone_only)) == 1
+    line = error_line(capsys)
+    assert f'checkpoint {backbone_only} does not fit this FocalTransformer exactly: missing head.weight, ' \
+           f'head.bias. ' in line and line.endswith(f'(main.py --pretrained {backbone_only})')
+    assert not os.path.exists(tmp_path / RUN_DIR / 'metrics.jsonl')
+
+
+@pytest.mark.parametrize('key, value, problem', [
+    ('MODEL.FOCAL.EXPAND_SIZES', '[2, 2, 2, 2]', 'shape differs (file -> model): '
+     'layers.0.blocks.0.attn.relative_position_bias_table_to_neighbors (1, 1, 16, 28) -> (1, 1, 16, 48)'),
+    ('DATA.IMG_SIZE', '64', 'missing layers.1.blocks.0.attn.relative_position_bias_table_to_neighbors; '
+     'shape differs (file -> model): layers.2.blocks.0.pool_layers.0.weight (1, 4) -> (1, 16)'),
+])
+def test_eval_under_another_geometry_stops_naming_the_tables_that_differ(
+        tmp_path, tiny_data, trained_run, capsys, key, value, problem):
+    """Position tables of another expand size or image size are neither resized nor left at
+    their initialisation in evaluation (fine-tuning does that)."""
+    assert run_main(run_args(tmp_path, tiny_data, '--eval', '--resume', trained_run['checkpoint'],
+                             '--opts', key, value)) == 1
+    assert problem in error_line(capsys)
+
+
+def test_resume_takes_a_module_prefixed_file_as_eval_does(tmp_path, tiny_data, trained_run):
+    """A training state saved from the DDP wrapper (`module.` prefixes) resumes."""
+    state = load_checkpoint(trained_run['checkpoint'])
+    state['model'] = {f'module.{name}': value for name, value in state['model'].items()}
+    prefixed = str(tmp_path / 'from_ddp.pth')
+    torch.save(state, prefixed)
+    assert run_main(run_args(tmp_path, tiny_data, '--resume', prefixed, '--epochs', '2')) == 0
+    assert [record['epoch'] for record in read_metrics(str(tmp_path / RUN_DIR))] == [1]
 
 
 # 2. Divergence --------------------------------------------------------------------------------
@@ -287,6 +327,23 @@ def test_random_bytes_given_to_resume_are_not_a_checkpoint(tmp_path, tiny_data, 
     assert run_main(run_args(tmp_path, tiny_data, '--resume', str(junk))) == 1
     line = error_line(capsys)
     assert f"{junk} is not a checkpoint" in line and 'convert_checkpoint' not in line
+
+
+def test_a_loader_worker_killed_by_a_signal_ends_the_run_with_one_line(tmp_path, tiny_data,
+                                                                      monkeypatch, capsys):
+    """As the system's out-of-memory killer ends a worker."""
+    real_getitem = ImageDataset.__getitem__
+
+    def killed_in_a_worker(self, index):
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_getitem(self, index)
+
+    monkeypatch.setattr(ImageDataset, '__getitem__', killed_in_a_worker)
+    assert run_main(run_args(tmp_path, tiny_data, '--opts', 'DATA.NUM_WORKERS', '1')) == 1
+    line = error_line(capsys)
+    assert line.startswith('error: a data-loading worker died: DataLoader worker (pid '), line
+    assert 'killed by signal: Killed' in line and 'lower DATA.NUM_WORKERS or --batch-size' in line
 
 
 def test_zero_byte_image_warning_names_its_path(tmp_path, capsys):

@@ -9,7 +9,7 @@ from config import get_config
 from conftest import REPO_ROOT, REPRODUCTION_SCRIPTS, dry_run_commands, main_arguments
 
 # What a script may print besides main.py runs: eval_released.sh downloads the released checkpoints.
-OTHER_COMMANDS = {'curl'}
+OTHER_COMMANDS = {'download'}
 
 
 def parsed_config(arguments):

@@ -1,6 +1,7 @@
 """End-to-end runs of main.py on a micro Focal Transformer and tiny generated data (CPU)."""
 import glob
 import json
+import math
 import os
 
 import pytest
@@ -9,7 +10,7 @@ import yaml
 
 import main
 from config import get_config
-from conftest import interrupted_at_epoch, load_checkpoint, run_main, write_micro_config
+from conftest import error_line, interrupted_at_epoch, load_checkpoint, run_main, write_micro_config
 from lr_scheduler import scaled_learning_rates
 
 
@@ -71,7 +72,7 @@ DATA:
     args = ['--cfg', cfg, '--output', str(tmp_path / 'out'), '--opts', 'DATA.DEMO.ROOT', demo_root]
     assert run_main(args) == 0
     assert 'built-in demo dataset' in capsys.readouterr().out
-    [dataset] = os.listdir(demo_root)
+    [dataset] = [name for name in os.listdir(demo_root) if not name.startswith('.')]  # not its lock
     assert sorted(os.listdir(os.path.join(demo_root, dataset, 'val')))[:2] == ['checkerboard', 'circle']
 
 
@@ -182,6 +183,50 @@ def test_eval_of_checkpoint_reproduces_training_accuracy(tmp_path, tiny_data, tr
     assert f" * Acc@1 {trained['acc1']:.3f} Acc@5 {trained['acc5']:.3f}" in capsys.readouterr().out
 
 
+@pytest.fixture
+def file_with_ema(tmp_path, trained_run) -> str:
+    """The trained checkpoint with its weights as EMA weights, and as model weights a head of
+    zeros: uniform outputs, whose loss is ln 10."""
+    state = load_checkpoint(trained_run['checkpoint'])
+    state['ema'] = dict(state['model'])
+    state['model'] = {name: torch.zeros_like(value) if name.startswith('head.') else value
+                      for name, value in state['model'].items()}
+    path = str(tmp_path / 'with_ema.pth')
+    torch.save(state, path)
+    return path
+
+
+def test_eval_of_a_file_with_ema_weights_reports_both_as_training_does(tmp_path, tiny_data,
+                                                                       trained_run, file_with_ema,
+                                                                       capsys):
+    output = str(tmp_path / 'out')
+    assert run_main(['--cfg', trained_run['cfg'], '--data-path', tiny_data, '--eval',
+                     '--resume', file_with_ema, '--output', output]) == 0
+    [record] = read_metrics(os.path.join(output, 'micro_focal', 'default'))
+    assert record['loss'] == pytest.approx(math.log(10)) and record['weights'] == 'model'
+    assert record['ema_acc1'] == pytest.approx(trained_run['metrics']['acc1'])
+    assert 'Accuracy of the EMA network on the 30 test images' in capsys.readouterr().out
+
+
+def test_eval_with_model_ema_reports_the_ema_weights(tmp_path, tiny_data, trained_run,
+                                                      file_with_ema):
+    output = str(tmp_path / 'out')
+    assert run_main(['--cfg', trained_run['cfg'], '--data-path', tiny_data, '--eval',
+                     '--model-ema', '--resume', file_with_ema, '--output', output]) == 0
+    [record] = read_metrics(os.path.join(output, 'micro_focal', 'default'))
+    trained = trained_run['metrics']
+    assert record['weights'] == 'ema' and record['acc1'] == record['ema_acc1']
+    assert (record['acc1'], record['loss']) == (pytest.approx(trained['acc1']), pytest.approx(trained['loss']))
+
+
+def test_eval_with_model_ema_of_a_file_without_ema_weights_is_one_line(tmp_path, tiny_data,
+                                                                        trained_run, capsys):
+    assert run_main(['--cfg', trained_run['cfg'], '--data-path', tiny_data, '--eval',
+                     '--model-ema', '--resume', trained_run['checkpoint'],
+                     '--output', str(tmp_path / 'out')]) == 1
+    assert f"checkpoint {trained_run['checkpoint']} holds no EMA weights" in error_line(capsys)
+
+
 def test_pretrained_fine_tunes_at_another_resolution_and_class_count(tmp_path, tiny_data,
                                                                      trained_run):
     five_classes = tmp_path / 'five'
@@ -195,6 +240,11 @@ def test_pretrained_fine_tunes_at_another_resolution_and_class_count(tmp_path, t
                      '--opts', 'DATA.IMG_SIZE', '64', 'MODEL.FOCAL.WINDOW_SIZE', '8']) == 0
     tuned = load_checkpoint(os.path.join(output, 'micro_focal', 'default', 'ckpt_epoch_0.pth'))
     assert tuned['model']['head.weight'].shape == (5, 128)
+    with open(os.path.join(output, 'micro_focal', 'default', 'log_rank0.txt')) as f:
+        log = f.read()
+    head = log.index('WARNING checkpoint head.weight (10, 128) does not fit the head (5, 128): re-initialised')
+    assert 'WARNING checkpoint layers.0.blocks.0.attn.relative_position_bias_table resized from' in log
+    assert head < log.index('AMP_OPT_LEVEL: '), "stated before the config's long listing"
 
 
 def test_throughput_measures_and_records_the_batch_size_asked_for(tmp_path, tiny_data,
