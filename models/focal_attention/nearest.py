@@ -120,7 +120,8 @@ def nearest_selection(geometry: NearestGeometry, height: int, width: int) -> Sel
     real = ((tokens[:, 0] + shift) % padded_h < height) & ((tokens[:, 1] + shift) % padded_w < width)
     selection = [nearest_keys(windows * ws + ws // 2, tokens, real, geometry.top_k)]
     if geometry.num_pooled_levels:
-        index, offset = nearest_keys(windows, windows, torch.ones(len(windows), dtype=torch.bool), geometry.top_k)
+        index, offset = nearest_keys(windows, windows, torch.ones(len(windows), dtype=torch.bool, device='cpu'),
+                                     geometry.top_k)
         selection += [(index, offset * ws)] * geometry.num_pooled_levels
     return tuple(selection)
 
