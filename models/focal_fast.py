@@ -20,8 +20,7 @@ import torch
 import torch.nn as nn
 from timm.models import register_model
 
-from .focal_attention import (NearestGeometry, NearestLayout, build_eagerly, nearest_layout, nearest_selection,
-                              window_offsets)
+from .focal_attention import NearestGeometry, NearestLayout, build_eagerly, nearest_layout, nearest_selection
 from .focal_transformer import (BASE, SMALL, TINY, FocalBlockBase, FocalTransformer, WindowAttentionBase,
                                 create_focal, release_cfg)
 
@@ -47,7 +46,6 @@ class FocalFastAttention(WindowAttentionBase):
         self.coord2rpb_all = nn.ModuleList(
             nn.Sequential(nn.Linear(2, head_dim), nn.ReLU(inplace=True), nn.Linear(head_dim, num_heads))
             for _ in range(geometry.num_levels))
-        self.register_buffer('window_offsets', window_offsets(geometry.window_size), persistent=False)
         for level, (index, offset) in enumerate(nearest_selection(geometry, *self.input_resolution)):
             self.register_buffer(f'nearest_index_{level}', index.clone())
             self.register_buffer(f'nearest_offset_{level}', offset.clone())
@@ -65,22 +63,19 @@ class FocalFastAttention(WindowAttentionBase):
         super()._load_from_state_dict(*args, **kwargs)
 
     def position_bias(self, layout: NearestLayout) -> torch.Tensor:
-        """(nH, nW, ws^2, S) position terms: each level's MLP of every query's coordinates relative to
-        each distinct key offset of the layout (the levels' MLPs run together as batched matrix
-        products), gathered to the windows' key slots."""
+        """(nH, nW, ws^2, S) position terms, -inf on the layout's alignment slots: each level's MLP
+        of the layout's distinct query-minus-key coordinates (the levels' MLPs run together as
+        batched matrix products), gathered to every query and key slot of every window."""
         first = [mlp[0] for mlp in self.coord2rpb_all]
         second = [mlp[2] for mlp in self.coord2rpb_all]
         weight1, bias1 = torch.stack([m.weight for m in first]), torch.stack([m.bias for m in first])  # (L, hd, 2)
         weight2, bias2 = torch.stack([m.weight for m in second]), torch.stack([m.bias for m in second])  # (L, nH, hd)
-        levels, entries = layout.bias_offsets.shape[:2]
-        area = layout.window_area
-        coords = layout.bias_offsets[:, None] + self.window_offsets[None, :, None]  # (L, ws^2, R, 2): query - key
-        hidden = torch.baddbmm(bias1[:, None], coords.view(levels, -1, 2).to(weight1.dtype),
-                               weight1.transpose(1, 2)).relu()
-        terms = torch.baddbmm(bias2[:, None], hidden, weight2.transpose(1, 2))  # (L, ws^2 * R, nH)
-        table = terms.view(levels, area, entries, -1).permute(3, 0, 2, 1).reshape(-1, levels * entries, area)
-        bias = table.index_select(1, layout.bias_index.flatten())  # (nH, nW * S, ws^2)
-        return bias.view(-1, layout.num_windows, layout.num_keys, area).transpose(2, 3)
+        hidden = torch.baddbmm(bias1[:, None], layout.bias_coords.to(weight1.dtype), weight1.transpose(1, 2)).relu()
+        terms = torch.baddbmm(bias2[:, None], hidden, weight2.transpose(1, 2)).flatten(0, 1)  # (L * U, nH)
+        terms = torch.cat([terms, terms.new_full((1, terms.shape[1]), float('-inf'))])
+        rows = terms.index_select(0, layout.coord_index.flatten()).view(-1, layout.window_area, terms.shape[1])
+        bias = rows.index_select(0, layout.bias_index.flatten())  # (nW * S, ws^2, nH)
+        return bias.view(layout.num_windows, layout.num_keys, layout.window_area, -1).permute(3, 0, 2, 1)
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, '

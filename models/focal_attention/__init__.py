@@ -41,8 +41,9 @@ def focal_attention(qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor], positi
 
     qkv: (B, Hp*Wp, 3C) queries, keys and values of the map's tokens in row-major order.
     pooled_kv: (B, P, 2C) keys and values of the pooled tokens of every level, or None.
-    position_bias: (nh, ws^2, S) relative position terms, the same for every window, or
-        (nh, nW, ws^2, S), one set per window (Focal-fast; SDPA only).
+    position_bias: (nh, ws^2, S) relative position terms, the same for every window (the layout's
+        key mask is added to them), or (nh, nW, ws^2, S), one set per window that includes the
+        masks (Focal-fast; SDPA only).
     Returns (B, Hp*Wp, C), each token's attention output, heads concatenated.
     backend: 'auto', 'sdpa' or 'fused' (see `backends`); record: set to the backend that ran.
     regather_keys: for the SDPA backend (see `sdpa_focal_attention`).

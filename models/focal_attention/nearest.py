@@ -138,10 +138,16 @@ class NearestLayout:
 
     key_index: (nW, S) int32 positions into the key/value source [Hp*Wp fine tokens, pooled tokens
         of each level, one zero token at `zero_token`]; slots past `num_attended` read the zero token.
-    key_mask: (nW, S) float: 0, or -inf for those alignment slots (the official model masks nothing).
-    bias_offsets: (L, R, 2) float: the distinct offsets (centre minus key) of each level, zero-padded.
-    bias_index: (nW, S) int32: each key slot's offset as level * R + entry (alignment slots read 0).
-    shift_gather / unshift_gather: as `WindowLayout`'s; regions: None (no region mask).
+    shift_gather / unshift_gather: as `WindowLayout`'s.
+
+    and, for the position terms (the official model masks nothing; the alignment slots past
+    `num_attended` get -inf through the terms, see `FocalFastAttention.position_bias`):
+
+    bias_coords: (L, U, 2) float, the distinct query-minus-key coordinates of each level (zero-padded
+        to the longest level): each level's MLP runs once on these.
+    coord_index: (L * R + 1, ws^2) int32: the coordinate (level * U + entry) of query q and the r-th
+        distinct key offset of level l, at row l * R + r; the last row reads L * U (the masked term).
+    bias_index: (nW, S) int32: the row of `coord_index` of each key slot (alignment slots: the last).
     """
     position_bias_per_window = True  # the position terms differ between windows (see fused.unavailable_reason)
 
@@ -171,13 +177,21 @@ class NearestLayout:
         key_index = torch.cat([base + index.long() for base, (index, _) in zip(level_bases, selection)]
                               + [alignment], 1)
 
-        distinct = [torch.unique(offset.reshape(-1, 2).float(), dim=0, return_inverse=True) for _, offset in selection]
-        entries = max(len(values) for values, _ in distinct)
-        bias_offsets = torch.zeros(geometry.num_levels, entries, 2)
-        for level, (values, _) in enumerate(distinct):
-            bias_offsets[level, :len(values)] = values
-        bias_index = torch.cat([level * entries + inverse.view(num_windows, -1)
-                                for level, (_, inverse) in enumerate(distinct)] + [torch.zeros_like(alignment)], 1)
+        # Key offsets (centre - key) of each level, distinct; then query-minus-key coordinates, distinct.
+        offsets = [torch.unique(offset.reshape(-1, 2).float(), dim=0, return_inverse=True) for _, offset in selection]
+        rows = max(len(values) for values, _ in offsets)
+        queries = window_offsets(ws).float()
+        coords = [torch.unique((queries[:, None] + values[None]).reshape(-1, 2), dim=0, return_inverse=True)
+                  for values, _ in offsets]
+        entries = max(len(values) for values, _ in coords)
+        bias_coords = torch.zeros(geometry.num_levels, entries, 2)
+        coord_index = torch.full((geometry.num_levels * rows + 1, ws * ws), geometry.num_levels * entries)
+        for level, ((offset_values, _), (coord_values, inverse)) in enumerate(zip(offsets, coords)):
+            bias_coords[level, :len(coord_values)] = coord_values
+            first = level * rows
+            coord_index[first:first + len(offset_values)] = level * entries + inverse.view(ws * ws, -1).t()
+        bias_index = torch.cat([level * rows + inverse.view(num_windows, -1) for level, (_, inverse) in
+                                enumerate(offsets)] + [torch.full_like(alignment, geometry.num_levels * rows)], 1)
 
         self.geometry = geometry
         self.size = (height, width)
@@ -189,9 +203,8 @@ class NearestLayout:
         self.num_fine = num_fine
         self.zero_token = zero_token
         self.key_index = key_index.to(device=device, dtype=torch.int32)
-        self.key_mask = torch.zeros(num_windows, num_keys, device=device)
-        self.key_mask[:, num_attended:] = float('-inf')
-        self.bias_offsets = bias_offsets.to(device)
+        self.bias_coords = bias_coords.to(device)
+        self.coord_index = coord_index.to(device=device, dtype=torch.int32)
         self.bias_index = bias_index.to(device=device, dtype=torch.int32)
         self.regions = None
         self.shift_gather, self.unshift_gather = shift_gathers(height, width, self.padded_size, geometry.shift_size,
@@ -200,7 +213,7 @@ class NearestLayout:
 
     def nbytes(self) -> int:
         """Bytes held by the layout's tensors."""
-        tensors = [self.key_index, self.key_mask, self.bias_offsets, self.bias_index, self.shift_gather,
+        tensors = [self.key_index, self.bias_coords, self.coord_index, self.bias_index, self.shift_gather,
                    self.unshift_gather]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 

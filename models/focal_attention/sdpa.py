@@ -12,12 +12,12 @@ from .regather import regathered_in_backward
 
 
 def window_bias(position_bias: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
-    """(nh, nW, ws^2, S) additive bias of every window: the position terms, (nh, ws^2, S) shared by
-    all windows or (nh, nW, ws^2, S), plus the layout's masks, built from its compact per-window
-    data in one broadcast add."""
-    if position_bias.dim() == 3:
-        position_bias = position_bias[:, None]
-    bias = (position_bias + layout.key_mask[None, :, None, :]).contiguous()
+    """(nh, nW, ws^2, S) additive bias of every window: position terms (nh, nW, ws^2, S) of every
+    window as they are (they hold the masks: Focal-fast); position terms (nh, ws^2, S) shared by all
+    windows plus the layout's masks, built from its compact per-window data in one broadcast add."""
+    if position_bias.dim() == 4:
+        return position_bias.contiguous()
+    bias = position_bias[:, None] + layout.key_mask[None, :, None, :]
     if layout.regions is not None:
         area = layout.window_area
         bias[..., :area] += layout.region_mask()
