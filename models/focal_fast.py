@@ -33,7 +33,9 @@ class FocalFastAttention(WindowAttentionBase):
     Linear(2, head_dim) -> ReLU -> Linear(head_dim, num_heads), in `coord2rpb_all`.
 
     geometry: `NearestGeometry.of_block`. input_resolution: the map size the model is built for, whose
-    selection the module holds as buffers (`nearest_index_{l}` (nW, K), `nearest_offset_{l}` (nW, K, 2)).
+    selection the module holds as buffers (`nearest_index_{l}` (nW, K), `nearest_offset_{l}` (nW, K, 2)),
+    computed or loaded (`load_state_dict`; the layout reads the buffers as loaded, a CPU copy that
+    tracing for export leaves real).
     """
 
     def __init__(self, dim: int, geometry: NearestGeometry, input_resolution: Tuple[int, int], num_heads: int,
@@ -46,7 +48,8 @@ class FocalFastAttention(WindowAttentionBase):
         self.coord2rpb_all = nn.ModuleList(
             nn.Sequential(nn.Linear(2, head_dim), nn.ReLU(inplace=True), nn.Linear(head_dim, num_heads))
             for _ in range(geometry.num_levels))
-        for level, (index, offset) in enumerate(nearest_selection(geometry, *self.input_resolution)):
+        self._selection = nearest_selection(geometry, *self.input_resolution)
+        for level, (index, offset) in enumerate(self._selection):
             self.register_buffer(f'nearest_index_{level}', index.clone())
             self.register_buffer(f'nearest_offset_{level}', offset.clone())
 
@@ -54,13 +57,14 @@ class FocalFastAttention(WindowAttentionBase):
         """The layout of the held selection at the built size, else of the computed one (cached)."""
         if (height, width) != self.input_resolution:
             return nearest_layout(height, width, self.geometry, device)
-        selection = tuple((getattr(self, f'nearest_index_{level}').cpu(),
-                           getattr(self, f'nearest_offset_{level}').cpu()) for level in range(self.geometry.num_levels))
-        return build_eagerly(lambda: NearestLayout(height, width, self.geometry, selection, device))
+        return build_eagerly(lambda: NearestLayout(height, width, self.geometry, self._selection, device))
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._layout = None  # the selection may change with the loaded buffers
         super()._load_from_state_dict(*args, **kwargs)
+        self._selection = tuple((getattr(self, f'nearest_index_{level}').detach().to('cpu', copy=True),
+                                 getattr(self, f'nearest_offset_{level}').detach().to('cpu', torch.float32, copy=True))
+                                for level in range(self.geometry.num_levels))
+        self._layout = None
 
     def position_bias(self, layout: NearestLayout) -> torch.Tensor:
         """(nH, nW, ws^2, S) position terms, -inf on the layout's alignment slots: each level's MLP
