@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from models import FocalTransformer, checkpoint_filter_fn, unwrap_state_dict
+from models.focal_attention import selection_state_from_official
+from models.focal_transformer import is_selection_buffer
 from utils import UserError
 
 EPOCH_CHECKPOINT = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
@@ -324,9 +326,17 @@ def exact_weights(checkpoint: Dict[str, Any], model: nn.Module, path: str) -> Di
     Evaluation, resuming and export use this: they measure, continue or ship the weights as
     trained, and a head left at its initialisation or a resized position table would make up
     their result. Fine-tuning adapts instead (`load_pretrained`). Works for any model: it
-    compares names and shapes only."""
-    weights = unwrap_state_dict(checkpoint)
+    compares names and shapes only. Official Focal-fast files are read in this model's form
+    (`selection_state_from_official`, lossless); a Focal-fast key selection made for another
+    input size than the model's is not learned state: the model keeps the one it computed for its
+    size (what a model built at the file's size computes at this size)."""
+    weights = selection_state_from_official(unwrap_state_dict(checkpoint))
     own = model.state_dict()
+    for name in filter(is_selection_buffer, own):
+        if name not in weights or weights[name].shape != own[name].shape:
+            logger.info(f"checkpoint {path}: {name} selects keys for another input size: using the "
+                        f"selection this model computed for its size")
+            weights[name] = own[name]
     missing = [name for name in own if name not in weights]
     differing = [f"{name} {tuple(weights[name].shape)} -> {tuple(value.shape)}"
                  for name, value in own.items() if name in weights and weights[name].shape != value.shape]

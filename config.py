@@ -63,7 +63,8 @@ _C.DATA.DEMO.IMAGE_SIZE = 48
 # Model
 # -----------------------------------------------------------------------------
 _C.MODEL = CN()
-# 'focal' (models.FocalTransformer) or 'timm' (MODEL.TIMM.NAME).
+# 'focal' (models.FocalTransformer), 'focalv2' (models.FocalFastTransformer, Focal-fast) or 'timm'
+# (MODEL.TIMM.NAME).
 _C.MODEL.TYPE = 'focal'
 _C.MODEL.NAME = 'focal_tiny_patch4_window7_224'
 # Checkpoint to resume training from, or to evaluate with --eval.
@@ -102,6 +103,8 @@ _C.MODEL.FOCAL.USE_CONV_EMBED = False
 _C.MODEL.FOCAL.USE_LAYERSCALE = False
 _C.MODEL.FOCAL.LAYERSCALE_VALUE = 1e-4
 _C.MODEL.FOCAL.USE_PRE_NORM = False
+# Focal-fast (MODEL.TYPE focalv2): the nearest keys each window attends to at every level.
+_C.MODEL.FOCAL.FOCAL_TOPK = 128
 # How focal attention runs: 'auto' (SDPA, except on GPU architectures where the fused kernel was
 # verified faster), 'sdpa', 'fused'.
 _C.MODEL.FOCAL.ATTN_BACKEND = 'auto'
@@ -210,7 +213,7 @@ _C.DEBUG_MODE = False
 _C.LOCAL_RANK = 0
 
 _CHOICES = {
-    'MODEL.TYPE': ('focal', 'timm'),
+    'MODEL.TYPE': ('focal', 'focalv2', 'timm'),
     'MODEL.FOCAL.ATTN_BACKEND': ATTN_BACKENDS,
     'DATA.CACHE_MODE': ('no', 'full', 'part'),
     'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic'),
@@ -504,7 +507,7 @@ def validate_config(config: CN) -> None:
     if config.MODEL.TYPE == 'timm' and not timm.is_model(config.MODEL.TIMM.NAME):
         raise ConfigError(f"MODEL.TIMM.NAME {config.MODEL.TIMM.NAME!r} is not a timm model "
                           f"(MODEL.TYPE is 'timm')")
-    if config.MODEL.TYPE == 'focal' and config.MODEL.FOCAL.IN_CHANS != 3:
+    if config.MODEL.TYPE != 'timm' and config.MODEL.FOCAL.IN_CHANS != 3:
         raise ConfigError(f"MODEL.FOCAL.IN_CHANS must be 3, the RGB images the data loader gives, got "
                           f"{config.MODEL.FOCAL.IN_CHANS!r}")
     if config.TRAIN.WARMUP_EPOCHS > config.TRAIN.EPOCHS:

@@ -22,13 +22,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .focal_fast import FAST_ARGS, FocalFastTransformer
 from .focal_transformer import BASE, SMALL, TINY, FocalTransformer, checkpoint_filter_fn, unwrap_state_dict
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ['FocalBackbone', 'focal_backbone', 'BACKBONE_VARIANTS']
 
-BACKBONE_VARIANTS = {'focal_tiny': TINY, 'focal_small': SMALL, 'focal_base': BASE}
+BACKBONE_VARIANTS = {
+    'focal_tiny': TINY, 'focal_small': SMALL, 'focal_base': BASE,
+    'focalv2_tiny': dict(TINY, **FAST_ARGS, model_class=FocalFastTransformer),
+    'focalv2_small': dict(SMALL, **FAST_ARGS, model_class=FocalFastTransformer),
+    'focalv2_base': dict(BASE, **FAST_ARGS, model_class=FocalFastTransformer),
+}
 STAGE_NORM = re.compile(r'^norm(\d+)\.')
 Checkpoint = Union[str, os.PathLike, Dict[str, torch.Tensor]]
 
@@ -47,15 +53,17 @@ class FocalBackbone(nn.Module):
         at detection sizes no stage does, so stage 3 also attends to its surroundings.
     pad_to: the image is zero-padded bottom/right to this multiple, so that every stage has an exact
         stride; 32 as mmdetection's `size_divisor` and torchvision's detection transform use.
-    **model_kwargs: `FocalTransformer` arguments (see `BACKBONE_VARIANTS` for Focal-T/S/B).
+    model_class: `FocalTransformer`, or `FocalFastTransformer` for a Focal-fast backbone.
+    **model_kwargs: `model_class` arguments (see `BACKBONE_VARIANTS` for Focal-T/S/B and Focal-fast-T/S/B).
     """
 
     def __init__(self, out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
                  use_checkpoint: bool = False, img_size: Union[int, Tuple[int, int]] = (800, 1333),
-                 pad_to: int = 32, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, **model_kwargs):
+                 pad_to: int = 32, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+                 model_class: type = FocalTransformer, **model_kwargs):
         super().__init__()
-        self.body = FocalTransformer(img_size=img_size, num_classes=0, use_checkpoint=use_checkpoint,
-                                     norm_layer=norm_layer, **model_kwargs)
+        self.body = model_class(img_size=img_size, num_classes=0, use_checkpoint=use_checkpoint,
+                                norm_layer=norm_layer, **model_kwargs)
         num_stages = len(self.body.layers)
         if not out_indices or any(not 0 <= i < num_stages for i in out_indices):
             raise ValueError(f'out_indices must be a non-empty subset of 0..{num_stages - 1}, got {list(out_indices)}')
@@ -169,7 +177,8 @@ class FocalBackbone(nn.Module):
 
 def focal_backbone(variant: str = 'focal_tiny', **kwargs) -> FocalBackbone:
     """A FocalBackbone with the architecture of Focal-T/S/B ('focal_tiny', 'focal_small',
-    'focal_base'); `kwargs` override it (e.g. use_conv_embed=True, drop_path_rate=0.3)."""
+    'focal_base') or Focal-fast-T/S/B ('focalv2_tiny', ...); `kwargs` override it (e.g.
+    use_conv_embed=True, drop_path_rate=0.3)."""
     if variant not in BACKBONE_VARIANTS:
         raise ValueError(f'unknown backbone variant {variant!r}; choose from {sorted(BACKBONE_VARIANTS)}')
     return FocalBackbone(**dict(BACKBONE_VARIANTS[variant], **kwargs))

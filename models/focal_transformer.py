@@ -15,9 +15,10 @@ shared by all blocks of the same geometry, and the attention runs through SDPA o
 kernel (`attn_backend`). Parameter names and shapes equal the official ones, so released
 checkpoints load through `checkpoint_filter_fn`, and compute the same function on either backend.
 """
+import functools
 import logging
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,7 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
 
 from .focal_attention import (BackendRecord, FocalGeometry, WindowLayout, check_backend, focal_attention,
-                              stage_block_shift_and_expand, window_layout)
+                              selection_state_from_official, stage_block_shift_and_expand, window_layout)
 from .focal_attention.geometry import SURROUNDINGS, WINDOW
 
 _logger = logging.getLogger(__name__)
@@ -40,17 +41,16 @@ POOL_METHODS = ('fc', 'mean', 'max', 'conv', 'none')
 EXPAND_LAYERS = ('all', 'even', 'odd')
 
 
-class FocalWindowAttention(nn.Module):
-    """Focal self-attention of each ws x ws query window over its own tokens, its fine-grained
-    surroundings and the pooled tokens of neighbouring windows at each coarser level.
+class WindowAttentionBase(nn.Module):
+    """What the focal attentions share: queries, keys and values of a window's map (`qkv`), keys and
+    values of pooled tokens, the attention of each window over the keys its layout lists, plus the
+    position terms of the subclass (`position_bias`), and the output projection.
 
-    geometry: the block's key sets (`FocalGeometry.of_block`). The module holds one position-bias
-    table per key group, with the names and shapes of the official `WindowAttention`, and the
-    geometry's index into them. attn_backend: see `focal_attention`.
+    geometry: the block's key plan, from which `build_layout` makes the index maps of a map size.
+    attn_backend: see `focal_attention`.
     """
 
-    def __init__(self, dim: int, geometry: FocalGeometry, num_heads: int, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, attn_drop: float = 0., proj_drop: float = 0.,
+    def __init__(self, dim: int, geometry, num_heads: int, qk_scale: Optional[float] = None, attn_drop: float = 0.,
                  attn_backend: str = 'auto'):
         super().__init__()
         if dim % num_heads:
@@ -62,7 +62,70 @@ class FocalWindowAttention(nn.Module):
         self.attn_drop = attn_drop
         self.attn_backend = check_backend(attn_backend)
         self.backend_record = BackendRecord()
+        self._layout = None
 
+    def add_projections(self, qkv_bias: bool, proj_drop: float) -> None:
+        """The qkv and output projections. A subclass adds them after its position terms, so that
+        parameters keep the order of earlier versions (optimizer states are stored in that order)."""
+        self.qkv = nn.Linear(self.dim, self.dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(self.dim, self.dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @property
+    def window_size(self) -> int:
+        return self.geometry.window_size
+
+    def build_layout(self, height: int, width: int, device: torch.device):
+        """The index maps of an (height, width) map for this module's geometry."""
+        raise NotImplementedError
+
+    def position_bias(self, layout) -> torch.Tensor:
+        """The position terms of every query and key slot of `layout`: (nH, ws^2, S), the same for
+        every window, or (nH, nW, ws^2, S)."""
+        raise NotImplementedError
+
+    def layout(self, height: int, width: int, device: torch.device):
+        """`build_layout` of an (height, width) input map; the last one is remembered on the module:
+        compiled graphs then read an attribute instead of a cache."""
+        layout = self._layout
+        if layout is None or layout.size != (height, width) or layout.key_index.device != device:
+            layout = self._layout = self.build_layout(height, width, device)
+        return layout
+
+    def forward(self, x: torch.Tensor, pooled: List[torch.Tensor], layout,
+                regather_keys: bool = True) -> torch.Tensor:
+        """x: (B, Hp, Wp, C) padded (and shifted) map; pooled: per level (B, P_k, C) pooled tokens.
+        Returns (B, Hp*Wp, C).
+
+        regather_keys: with the SDPA backend in eager training, save the ungathered keys and values
+        for backward and gather them again there (see `focal_attention.regather`); callers that
+        recompute the whole block pass False.
+        """
+        B, H, W, C = x.shape
+        qkv = self.qkv(x).view(B, H * W, 3 * C)
+        pooled_kv = None
+        if pooled:
+            kv_weight, kv_bias = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
+            pooled_kv = F.linear(torch.cat(pooled, 1), kv_weight, kv_bias).to(qkv.dtype)
+        out = focal_attention(qkv, pooled_kv, self.position_bias(layout), layout, self.num_heads, self.scale,
+                              dropout_p=self.attn_drop if self.training else 0., backend=self.attn_backend,
+                              regather_keys=regather_keys, record=self.backend_record)
+        return self.proj_drop(self.proj(out))
+
+
+class FocalWindowAttention(WindowAttentionBase):
+    """Focal self-attention of each ws x ws query window over its own tokens, its fine-grained
+    surroundings and the pooled tokens of neighbouring windows at each coarser level.
+
+    geometry: the block's key sets (`FocalGeometry.of_block`). The module holds one position-bias
+    table per key group, with the names and shapes of the official `WindowAttention`, and the
+    geometry's index into them. attn_backend: see `focal_attention`.
+    """
+
+    def __init__(self, dim: int, geometry: FocalGeometry, num_heads: int, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, attn_drop: float = 0., proj_drop: float = 0.,
+                 attn_backend: str = 'auto'):
+        super().__init__(dim, geometry, num_heads, qk_scale, attn_drop, attn_backend)
         self.key_groups = geometry.key_groups
         area = geometry.window_size ** 2
         for group in self.key_groups:
@@ -79,14 +142,7 @@ class FocalWindowAttention(nn.Module):
                 trunc_normal_(table, std=.02)
                 self.relative_position_bias_table_to_windows.append(table)
         self.register_buffer('position_bias_index', geometry.position_bias_index(), persistent=False)
-
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    @property
-    def window_size(self) -> int:
-        return self.geometry.window_size
+        self.add_projections(qkv_bias, proj_drop)
 
     @property
     def num_surrounding(self) -> int:
@@ -104,9 +160,14 @@ class FocalWindowAttention(nn.Module):
     def num_keys(self) -> int:
         return self.geometry.num_keys
 
-    def position_bias(self) -> torch.Tensor:
-        """All relative position terms as one (nH, ws^2, S) tensor, the same for every window: the
-        key groups' tables as (nH, table) in key order, gathered once by the geometry's index."""
+    def build_layout(self, height: int, width: int, device: torch.device) -> WindowLayout:
+        """The shared index maps of an (height, width) map (see `focal_attention.geometry`)."""
+        return window_layout(height, width, self.geometry, device)
+
+    def position_bias(self, layout: Optional[WindowLayout] = None) -> torch.Tensor:
+        """All relative position terms as one (nH, ws^2, S) tensor, the same for every window and
+        map size (`layout` is not needed): the key groups' tables as (nH, table) in key order,
+        gathered once by the geometry's index."""
         tables = []
         for group in self.key_groups:
             if group.kind == WINDOW:
@@ -117,49 +178,27 @@ class FocalWindowAttention(nn.Module):
                 tables.append(self.relative_position_bias_table_to_windows[group.level])
         return torch.cat(tables, 1)[:, self.position_bias_index]
 
-    def forward(self, x: torch.Tensor, pooled: List[torch.Tensor], layout: WindowLayout,
-                regather_keys: bool = True) -> torch.Tensor:
-        """x: (B, Hp, Wp, C) padded (and shifted) map; pooled: per level (B, P_k, C) pooled tokens.
-        Returns (B, Hp*Wp, C).
-
-        regather_keys: with the SDPA backend in eager training, save the ungathered keys and values
-        for backward and gather them again there (see `focal_attention.regather`); callers that
-        recompute the whole block pass False.
-        """
-        B, H, W, C = x.shape
-        qkv = self.qkv(x).view(B, H * W, 3 * C)
-        pooled_kv = None
-        if pooled:
-            kv_weight, kv_bias = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
-            pooled_kv = F.linear(torch.cat(pooled, 1), kv_weight, kv_bias).to(qkv.dtype)
-        out = focal_attention(qkv, pooled_kv, self.position_bias(), layout, self.num_heads, self.scale,
-                              dropout_p=self.attn_drop if self.training else 0., backend=self.attn_backend,
-                              regather_keys=regather_keys, record=self.backend_record)
-        return self.proj_drop(self.proj(out))
-
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, '
                 f'surrounding={self.num_surrounding}, pooled_levels={self.num_pooled_levels}, '
                 f'attn_backend={self.attn_backend!r}')
 
 
-class FocalTransformerBlock(nn.Module):
-    """Pre-norm block: focal window attention and MLP, each with a residual, optional layer scale.
+class FocalBlockBase(nn.Module):
+    """Pre-norm block around a window attention (`attn`, a `WindowAttentionBase`): the map padded to
+    window multiples (and shifted), pooled per level, attended, cropped; then the MLP; each with a
+    residual and optional layer scale. Subclasses give the geometry of their key plan and
+    `attention`, which builds the attention module for it (called where the official block builds
+    it, so that a seed initialises the same weights).
 
-    `input_resolution` only decides, as in the official model, whether the map is no larger than
-    the window; then the window shrinks to the map and neither expansion nor shift is used. The
-    block itself runs on any map size, padding it to window multiples.
+    pool_method: how level k pools sub-windows of side ws // 2^k into one token: 'fc' (a learned
+    weight per position), 'conv' (depthwise), 'mean', 'max' or 'none' (no pooled levels).
     """
 
-    def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
-                 expand_size: int = 0, shift_size: int = 0, mlp_ratio: float = 4., qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, drop: float = 0., attn_drop: float = 0., drop_path: float = 0.,
-                 act_layer=nn.GELU, norm_layer=nn.LayerNorm, pool_method: str = 'none', focal_level: int = 1,
-                 focal_window: int = 1, use_layerscale: bool = False, layerscale_value: float = 1e-4,
-                 attn_backend: str = 'auto'):
+    def __init__(self, dim: int, geometry, attention: Callable[[], WindowAttentionBase], mlp_ratio: float = 4.,
+                 drop: float = 0., drop_path: float = 0., act_layer=nn.GELU, norm_layer=nn.LayerNorm,
+                 pool_method: str = 'none', use_layerscale: bool = False, layerscale_value: float = 1e-4):
         super().__init__()
-        geometry = FocalGeometry.of_block(input_resolution, window_size, expand_size, shift_size, focal_window,
-                                          focal_level, pool_method)
         self.dim = dim
         self.pool_method = pool_method
 
@@ -173,9 +212,7 @@ class FocalTransformerBlock(nn.Module):
                     self.pool_layers.append(nn.Conv2d(dim, dim, pool_size, stride=pool_size, groups=dim))
 
         self.norm1 = norm_layer(dim)
-        self.attn = FocalWindowAttention(
-            dim, geometry, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
-            proj_drop=drop, attn_backend=attn_backend)
+        self.attn = attention()
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
@@ -184,10 +221,9 @@ class FocalTransformerBlock(nn.Module):
             self.gamma_2 = nn.Parameter(layerscale_value * torch.ones(dim))
         else:
             self.gamma_1 = self.gamma_2 = None
-        self._layout: Optional[WindowLayout] = None
 
     @property
-    def geometry(self) -> FocalGeometry:
+    def geometry(self):
         return self.attn.geometry
 
     @property
@@ -198,14 +234,9 @@ class FocalTransformerBlock(nn.Module):
     def shift_size(self) -> int:
         return self.attn.geometry.shift_size
 
-    def layout(self, height: int, width: int, device: torch.device) -> WindowLayout:
-        """The shared index maps of an (height, width) input map (see `focal_attention.geometry`).
-        The last one is remembered on the block: compiled graphs then read an attribute instead of
-        the global cache."""
-        layout = self._layout
-        if layout is None or layout.size != (height, width) or layout.key_index.device != device:
-            layout = self._layout = window_layout(height, width, self.geometry, device)
-        return layout
+    def layout(self, height: int, width: int, device: torch.device):
+        """The index maps of an (height, width) input map (see `WindowAttentionBase.layout`)."""
+        return self.attn.layout(height, width, device)
 
     def pool(self, x: torch.Tensor, level: int) -> torch.Tensor:
         """Pool the (B, Hp, Wp, C) map, whole windows, into (nWh * 2^k) x (nWw * 2^k) sub-windows of
@@ -230,7 +261,7 @@ class FocalTransformerBlock(nn.Module):
         return pooled.reshape(B, grid_h * grid_w, C)
 
     def forward(self, x: torch.Tensor, height: int, width: int, regather_keys: bool = True) -> torch.Tensor:
-        """x: (B, H*W, C) -> (B, H*W, C). regather_keys: see `FocalWindowAttention.forward`."""
+        """x: (B, H*W, C) -> (B, H*W, C). regather_keys: see `WindowAttentionBase.forward`."""
         B, L, C = x.shape
         layout = self.layout(height, width, x.device)
         padded_h, padded_w = layout.padded_size
@@ -252,6 +283,31 @@ class FocalTransformerBlock(nn.Module):
         if self.gamma_2 is not None:
             y = self.gamma_2 * y
         return x + self.drop_path(y)
+
+
+class FocalTransformerBlock(FocalBlockBase):
+    """The Focal Transformer block (official arguments): focal window attention over each window's
+    own tokens, its surroundings and pooled neighbours (`FocalWindowAttention`), then the MLP.
+
+    `input_resolution` only decides, as in the official model, whether the map is no larger than
+    the window; then the window shrinks to the map and neither expansion nor shift is used. The
+    block itself runs on any map size, padding it to window multiples.
+    """
+
+    def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
+                 expand_size: int = 0, shift_size: int = 0, mlp_ratio: float = 4., qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, drop: float = 0., attn_drop: float = 0., drop_path: float = 0.,
+                 act_layer=nn.GELU, norm_layer=nn.LayerNorm, pool_method: str = 'none', focal_level: int = 1,
+                 focal_window: int = 1, use_layerscale: bool = False, layerscale_value: float = 1e-4,
+                 attn_backend: str = 'auto'):
+        geometry = FocalGeometry.of_block(input_resolution, window_size, expand_size, shift_size, focal_window,
+                                          focal_level, pool_method)
+        attention = functools.partial(FocalWindowAttention, dim, geometry, num_heads=num_heads, qkv_bias=qkv_bias,
+                                      qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop,
+                                      attn_backend=attn_backend)
+        super().__init__(dim, geometry, attention, mlp_ratio=mlp_ratio, drop=drop, drop_path=drop_path,
+                         act_layer=act_layer, norm_layer=norm_layer, pool_method=pool_method,
+                         use_layerscale=use_layerscale, layerscale_value=layerscale_value)
 
 
 class PatchEmbed(nn.Module):
@@ -284,7 +340,8 @@ class PatchEmbed(nn.Module):
 
 class FocalStage(nn.Module):
     """The blocks of one stage, then (except in the last stage) the patch embedding that halves the
-    map. `forward` runs the blocks only, so that callers can take the stage output before it."""
+    map. `forward` runs the blocks only, so that callers can take the stage output before it.
+    block_layer: the block class, called with `FocalTransformerBlock`'s arguments."""
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], depth: int, num_heads: int, window_size: int,
                  expand_size: int, expand_layer: str = 'all', mlp_ratio: float = 4., qkv_bias: bool = True,
@@ -292,7 +349,8 @@ class FocalStage(nn.Module):
                  drop_path: Union[float, Sequence[float]] = 0., norm_layer=nn.LayerNorm, pool_method: str = 'none',
                  focal_level: int = 1, focal_window: int = 1, use_conv_embed: bool = False, use_shift: bool = False,
                  use_pre_norm: bool = False, downsample: bool = False, use_checkpoint: bool = False,
-                 use_layerscale: bool = False, layerscale_value: float = 1e-4, attn_backend: str = 'auto'):
+                 use_layerscale: bool = False, layerscale_value: float = 1e-4, attn_backend: str = 'auto',
+                 block_layer: Callable[..., FocalBlockBase] = FocalTransformerBlock):
         super().__init__()
         self.use_checkpoint = use_checkpoint
         drop_path = drop_path if isinstance(drop_path, Sequence) else [drop_path] * depth
@@ -300,7 +358,7 @@ class FocalStage(nn.Module):
         for i in range(depth):
             shift_size, block_expand_size = stage_block_shift_and_expand(i, window_size, expand_size, use_shift,
                                                                          expand_layer)
-            self.blocks.append(FocalTransformerBlock(
+            self.blocks.append(block_layer(
                 dim=dim, input_resolution=input_resolution, num_heads=num_heads, window_size=window_size,
                 shift_size=shift_size, expand_size=block_expand_size,
                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop, attn_drop=attn_drop,
@@ -330,6 +388,8 @@ class FocalTransformer(nn.Module):
     attn_backend: how focal attention runs: 'auto' (SDPA, except on GPU architectures where the fused
     kernel was verified correct and faster), 'sdpa' or 'fused' (the Triton kernel wherever it can
     run; see `models.focal_attention.backends`); `set_attn_backend` switches it later.
+    block_layer: the block class of every stage, called with `FocalTransformerBlock`'s arguments
+    (`FocalFastTransformer` passes Focal-fast's block).
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4, in_chans: int = 3,
@@ -342,7 +402,8 @@ class FocalTransformer(nn.Module):
                  focal_windows: Sequence[int] = (7, 5, 3, 1), focal_pool: str = 'fc',
                  expand_stages: Sequence[int] = (0, 1, 2, 3), expand_sizes: Sequence[int] = (3, 3, 3, 3),
                  expand_layer: str = 'all', use_conv_embed: bool = False, use_layerscale: bool = False,
-                 layerscale_value: float = 1e-4, use_pre_norm: bool = False, attn_backend: str = 'auto', **kwargs):
+                 layerscale_value: float = 1e-4, use_pre_norm: bool = False, attn_backend: str = 'auto',
+                 block_layer: Callable[..., FocalBlockBase] = FocalTransformerBlock, **kwargs):
         super().__init__()
         # Argument checks: ValueError naming the argument (models.build rewords it with the config key).
         def integers(values, low):  # ints (NumPy's too, not bools) of at least `low`
@@ -384,7 +445,7 @@ class FocalTransformer(nn.Module):
             raise ValueError(f'img_size {img_size} is too small: with patch_size {patch_size} and {num_stages} '
                              f'stages inputs need {smallest} px or more (the last stage needs one token)')
         if kwargs:
-            _logger.warning('FocalTransformer ignores unknown arguments %s', sorted(kwargs))
+            _logger.warning('%s ignores unknown arguments %s', type(self).__name__, sorted(kwargs))
 
         self.num_classes = num_classes
         self.num_layers = num_stages
@@ -417,7 +478,8 @@ class FocalTransformer(nn.Module):
                 pool_method=focal_pool if i in focal_stages else 'none', focal_level=focal_levels[i],
                 focal_window=focal_windows[i], use_conv_embed=use_conv_embed, use_shift=use_shift,
                 use_pre_norm=use_pre_norm, downsample=i < num_stages - 1, use_checkpoint=use_checkpoint,
-                use_layerscale=use_layerscale, layerscale_value=layerscale_value, attn_backend=attn_backend))
+                use_layerscale=use_layerscale, layerscale_value=layerscale_value, attn_backend=attn_backend,
+                block_layer=block_layer))
             self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f'layers.{i}'))
         self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -452,7 +514,7 @@ class FocalTransformer(nn.Module):
         the function the model computes stays the same."""
         check_backend(attn_backend)
         for module in self.modules():
-            if isinstance(module, FocalWindowAttention):
+            if isinstance(module, WindowAttentionBase):
                 module.attn_backend = attn_backend
 
     @torch.jit.ignore
@@ -543,6 +605,14 @@ class FocalTransformer(nn.Module):
 OFFICIAL_BUFFERS = ('relative_position_index', 'valid_ind_rolled', 'valid_ind_unfold', 'attn_mask')
 POSITION_TABLES = ('relative_position_bias_table', 'relative_position_bias_table_to_neighbors',
                    'relative_position_bias_table_to_windows')
+# Focal-fast's selection buffers: which keys each window of one map size sees. A model built for
+# another size has its own (`focal_attention.nearest`).
+SELECTION_BUFFERS = ('.nearest_index_', '.nearest_offset_')
+
+
+def is_selection_buffer(name: str) -> bool:
+    """Whether state-dict entry `name` is a Focal-fast key selection (for one input size)."""
+    return any(buffer in name for buffer in SELECTION_BUFFERS)
 
 
 def _resize_square(grid: torch.Tensor, side: int) -> torch.Tensor:
@@ -591,13 +661,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     `model.load_state_dict(sd, strict=True)` accepts.
 
     Accepts a dict holding 'model' or 'state_dict', or a bare state dict, with or without
-    `module.` prefixes. Drops the official index/mask buffers (recomputed here). Adapts, warning
-    once each: a head of another class count (re-initialised), position tables, absolute
+    `module.` prefixes. Drops the official index/mask buffers (recomputed here) and converts
+    Focal-fast's official selection buffers to this model's form (keeping, for another input size
+    than the file's, the model's own selection). Adapts, warning once each: a head of another
+    class count (re-initialised), position tables, absolute
     position embeddings and pooling weights of another window size (bicubic resize), position
     tables the checkpoint lacks or the model lacks (kept at init / dropped). Anything else that
     differs raises ValueError listing the keys.
     """
-    source = unwrap_state_dict(state_dict)
+    source = selection_state_from_official(unwrap_state_dict(state_dict))
     target = model.state_dict()
     result, unexpected, mismatched = {}, [], []
 
@@ -613,19 +685,23 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
         wanted = target[name]
         if value.shape == wanted.shape:
             result[name] = value
+        elif is_selection_buffer(name):
+            _logger.info('checkpoint %s %s selects keys for another input size than %s: using the selection '
+                         'this model computed for its size', name, tuple(value.shape), tuple(wanted.shape))
+            result[name] = wanted
         elif name.startswith('head.'):
             _logger.warning('checkpoint %s %s does not fit the head %s: re-initialised',
-                         name, tuple(value.shape), tuple(wanted.shape))
+                            name, tuple(value.shape), tuple(wanted.shape))
             result[name] = wanted
         else:
             adapted = None if name.endswith('_to_neighbors') else _adapt_tensor(name, value, wanted)
             if adapted is not None:
                 _logger.warning('checkpoint %s resized from %s to %s (bicubic)',
-                             name, tuple(value.shape), tuple(wanted.shape))
+                                name, tuple(value.shape), tuple(wanted.shape))
                 result[name] = adapted.to(wanted.dtype)
             elif name.endswith('_to_neighbors'):
                 _logger.warning('checkpoint %s %s does not fit %s (another window or expand size): kept at init',
-                             name, tuple(value.shape), tuple(wanted.shape))
+                                name, tuple(value.shape), tuple(wanted.shape))
                 result[name] = wanted
             else:
                 mismatched.append(f'{name} {tuple(value.shape)} vs {tuple(wanted.shape)}')
@@ -634,7 +710,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     for name, wanted in target.items():
         if name in result:
             continue
-        if name.startswith('head.') or any(table in name for table in POSITION_TABLES):
+        if is_selection_buffer(name):
+            _logger.info('checkpoint lacks %s: using the selection this model computed for its size', name)
+            result[name] = wanted
+        elif name.startswith('head.') or any(table in name for table in POSITION_TABLES):
             _logger.warning('checkpoint lacks %s: kept at init', name)
             result[name] = wanted
         else:
@@ -650,10 +729,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     return result
 
 
-def _create_focal(variant: str, pretrained: bool = False, **kwargs) -> FocalTransformer:
+def create_focal(variant: str, pretrained: bool = False, model_class: type = FocalTransformer,
+                 **kwargs) -> FocalTransformer:
+    """timm's `build_model_with_cfg` for a registered focal model (of `model_class`)."""
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     return build_model_with_cfg(
-        FocalTransformer, variant, pretrained,
+        model_class, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         # stages need (H, W): features come from forward_intermediates
         feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
@@ -663,7 +744,8 @@ def _create_focal(variant: str, pretrained: bool = False, **kwargs) -> FocalTran
 RELEASE_URL = 'https://projects4jw.blob.core.windows.net/model/focal-transformer/imagenet1k/'  # official README
 
 
-def _cfg(file_name: str) -> dict:
+def release_cfg(file_name: str) -> dict:
+    """timm's pretrained cfg of a released ImageNet-1K file."""
     return dict(
         url=RELEASE_URL + file_name, num_classes=1000, input_size=(3, 224, 224), pool_size=None,
         crop_pct=0.875, interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
@@ -671,12 +753,12 @@ def _cfg(file_name: str) -> dict:
 
 
 default_cfgs = {
-    'focal_tiny_patch4_window7_224': _cfg('focal-tiny-is224-ws7.pth'),
-    'focal_small_patch4_window7_224': _cfg('focal-small-is224-ws7.pth'),
-    'focal_base_patch4_window7_224': _cfg('focal-base-is224-ws7.pth'),
-    'focal_tiny_useconv_patch4_window7_224': _cfg('focal-tiny-useconv-is224-ws7.pth'),
-    'focal_small_useconv_patch4_window7_224': _cfg('focal-small-useconv-is224-ws7.pth'),
-    'focal_base_useconv_patch4_window7_224': _cfg('focal-base-useconv-is224-ws7.pth'),
+    'focal_tiny_patch4_window7_224': release_cfg('focal-tiny-is224-ws7.pth'),
+    'focal_small_patch4_window7_224': release_cfg('focal-small-is224-ws7.pth'),
+    'focal_base_patch4_window7_224': release_cfg('focal-base-is224-ws7.pth'),
+    'focal_tiny_useconv_patch4_window7_224': release_cfg('focal-tiny-useconv-is224-ws7.pth'),
+    'focal_small_useconv_patch4_window7_224': release_cfg('focal-small-useconv-is224-ws7.pth'),
+    'focal_base_useconv_patch4_window7_224': release_cfg('focal-base-useconv-is224-ws7.pth'),
 }
 
 FOCAL_ARGS = dict(window_size=7, focal_pool='fc', focal_stages=(0, 1, 2, 3), focal_levels=(2, 2, 2, 2),
@@ -688,32 +770,32 @@ BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_
 
 @register_model
 def focal_tiny_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
-    return _create_focal('focal_tiny_patch4_window7_224', pretrained, **dict(TINY, **kwargs))
+    return create_focal('focal_tiny_patch4_window7_224', pretrained, **dict(TINY, **kwargs))
 
 
 @register_model
 def focal_small_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
-    return _create_focal('focal_small_patch4_window7_224', pretrained, **dict(SMALL, **kwargs))
+    return create_focal('focal_small_patch4_window7_224', pretrained, **dict(SMALL, **kwargs))
 
 
 @register_model
 def focal_base_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
-    return _create_focal('focal_base_patch4_window7_224', pretrained, **dict(BASE, **kwargs))
+    return create_focal('focal_base_patch4_window7_224', pretrained, **dict(BASE, **kwargs))
 
 
 @register_model
 def focal_tiny_useconv_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
-    return _create_focal('focal_tiny_useconv_patch4_window7_224', pretrained,
+    return create_focal('focal_tiny_useconv_patch4_window7_224', pretrained,
                          **dict(TINY, use_conv_embed=True, **kwargs))
 
 
 @register_model
 def focal_small_useconv_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
-    return _create_focal('focal_small_useconv_patch4_window7_224', pretrained,
+    return create_focal('focal_small_useconv_patch4_window7_224', pretrained,
                          **dict(SMALL, use_conv_embed=True, **kwargs))
 
 
 @register_model
 def focal_base_useconv_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
-    return _create_focal('focal_base_useconv_patch4_window7_224', pretrained,
+    return create_focal('focal_base_useconv_patch4_window7_224', pretrained,
                          **dict(BASE, use_conv_embed=True, **kwargs))

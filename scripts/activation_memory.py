@@ -1,6 +1,6 @@
-"""Activation memory of a training step, Focal-T/S/B against Swin-T/S/B, on a CPU: the bytes a
-bf16-autocast forward pass leaves allocated for backward, which is what a GPU's training peak
-grows with the batch.
+"""Activation memory of a training step, Focal-T/S/B and Focal-fast-T/S/B against Swin-T/S/B, on a
+CPU: the bytes a bf16-autocast forward pass leaves allocated for backward, which is what a GPU's
+training peak grows with the batch.
 
 `scaled_dot_product_attention` runs through a stand-in that saves its query, key and value
 inputs, as its fused CUDA kernels do (the CPU math path saves other tensors, including the
@@ -9,7 +9,7 @@ computes attention without SDPA unless `TIMM_FUSED_ATTN=2` is set (its fused pat
 experimental), and is measured as it runs. Bytes are counted by glibc's allocator (Linux), each
 model in a fresh process.
 
-    python scripts/activation_memory.py                  # batch 4, all three sizes
+    python scripts/activation_memory.py                  # batch 4, all three sizes, both families
     python scripts/activation_memory.py --sizes tiny --batch-size 8
     TIMM_FUSED_ATTN=2 python scripts/activation_memory.py   # against Swin with fused attention
 """
@@ -28,7 +28,7 @@ import timm  # noqa: E402
 import timm.layers  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the focal_* models with timm)
-from benchmark import PAIRS, in_fresh_process  # noqa: E402
+from benchmark import FAMILIES, SIZES, SWIN, in_fresh_process  # noqa: E402
 from models.focal_attention.input_saving import input_saving_sdpa  # noqa: E402
 
 
@@ -73,18 +73,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--batch-size', type=int, default=4)
     parser.add_argument('--img-size', type=int, default=224)
-    parser.add_argument('--sizes', nargs='+', choices=list(PAIRS), default=list(PAIRS))
+    parser.add_argument('--sizes', nargs='+', choices=SIZES, default=list(SIZES))
+    parser.add_argument('--families', nargs='+', choices=list(FAMILIES), default=list(FAMILIES))
     args = parser.parse_args()
     allocated_bytes()  # fail here, not in a worker process, where glibc cannot count allocations
     print(f'activations kept for backward: batch {args.batch_size}, {args.img_size}px, bf16 autocast, '
           'SDPA replaced by a stand-in that saves its inputs as fused CUDA kernels do; '
           f'Swin attention {swin_attention()}')
     print()
-    print('| model | focal MiB | swin MiB | focal/swin |')
+    print('| model | MiB | swin MiB | model/swin |')
     print('| --- | ---: | ---: | ---: |')
     for size in args.sizes:
-        focal, swin = (in_fresh_process(activation_mib, name, args.batch_size, args.img_size) for name in PAIRS[size])
-        print(f'| {size} | {focal:.0f} | {swin:.0f} | {focal / swin:.2f} |', flush=True)
+        swin = in_fresh_process(activation_mib, SWIN.format(size), args.batch_size, args.img_size)
+        for family in args.families:
+            held = in_fresh_process(activation_mib, FAMILIES[family].format(size), args.batch_size, args.img_size)
+            print(f'| {family}-{size} | {held:.0f} | {swin:.0f} | {held / swin:.2f} |', flush=True)
 
 
 if __name__ == '__main__':

@@ -1,12 +1,17 @@
-"""Throughput and peak memory of Focal-T/S/B against timm's Swin-T/S/B, in one run, same batch
-size and precision, printed as a Markdown table with the focal/swin ratio.
+"""Throughput and peak memory of Focal-T/S/B and Focal-fast-T/S/B against timm's Swin-T/S/B, in
+one run, same batch size and precision, printed as a Markdown table with the model/swin ratio.
 
 CPU: fp32. CUDA: bf16 autocast, eager and (with --compile) torch.compile'd.
 
-    python scripts/benchmark.py                       # CPU, batch 8, all three sizes
+    python scripts/benchmark.py                       # CPU, batch 8, all three sizes, both families
     python scripts/benchmark.py --device cuda --batch-size 128 --compile
-    python scripts/benchmark.py --sizes tiny --mode inference --iters 20
+    python scripts/benchmark.py --sizes tiny --families fast --mode inference --iters 20
     python scripts/benchmark.py --device cuda --sizes tiny --attn-backend fused sdpa --swin-sdpa
+    python scripts/benchmark.py --sizes tiny --families fast --official-fast PATH/focal_transformer_v2.py
+
+--official-fast times the official Focal-fast code too (`classification/focal_transformer_v2.py` of
+microsoft/Focal-Transformer, from a checkout of your own; nothing of it is part of this repository),
+built with the same arguments, in the Focal-fast rows.
 
 --attn-backend sets the Focal models' attention backend (see models/focal_attention: 'auto' runs SDPA
 except on GPU architectures where the fused kernel was verified, none yet); the table says
@@ -40,15 +45,17 @@ import timm.layers  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the focal_* models with timm)
 from models.focal_attention import backends_in_use  # noqa: E402
+from models.focal_fast import FAST_ARGS  # noqa: E402
+from models.focal_transformer import BASE, SMALL, TINY  # noqa: E402
 
 
 T = TypeVar('T')
 
-PAIRS = {
-    'tiny': ('focal_tiny_patch4_window7_224', 'swin_tiny_patch4_window7_224'),
-    'small': ('focal_small_patch4_window7_224', 'swin_small_patch4_window7_224'),
-    'base': ('focal_base_patch4_window7_224', 'swin_base_patch4_window7_224'),
-}
+SIZES = ('tiny', 'small', 'base')
+FAMILIES = {'focal': 'focal_{}_patch4_window7_224', 'fast': 'focalv2_{}_useconv_patch4_window7_224'}
+SWIN = 'swin_{}_patch4_window7_224'
+VARIANTS = {'tiny': TINY, 'small': SMALL, 'base': BASE}  # the official constructor's arguments
+OFFICIAL_FAST = 'official-fast-'
 
 
 @dataclass
@@ -166,14 +173,34 @@ def measure(model: torch.nn.Module, mode: str, images: torch.Tensor, dtype: Opti
     return Measurement(images.shape[0] / seconds, peak_mib(step, device), attention_in_use(model))
 
 
+def official_fast_model(path: str, size: str) -> torch.nn.Module:
+    """The official Focal-fast model of `size`, built by the official file at `path` with the
+    arguments of our variant (their names are the official ones)."""
+    import importlib.util
+    import timm.data.transforms
+    if not hasattr(timm.data.transforms, '_pil_interp'):  # imported by the official file, gone from timm
+        timm.data.transforms._pil_interp = timm.data.transforms.str_to_pil_interp
+    spec = importlib.util.spec_from_file_location('official_focal_transformer_v2', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FocalTransformer(**VARIANTS[size], **FAST_ARGS, num_classes=1000)
+
+
 def benchmark_model(name: str, mode: str, args: argparse.Namespace, device: torch.device,
                     dtype: Optional[torch.dtype], compiled: bool, attn_backend: Optional[str] = None) -> Measurement:
     """Runs in a fresh process (see `in_fresh_process`), so no memory or compiled state of the
-    previous model is left. attn_backend: for Focal models."""
+    previous model is left. name: a timm name, or 'official-fast-SIZE' for the official code's
+    Focal-fast (--official-fast). attn_backend: for Focal models."""
     torch.set_num_threads(args.threads)
-    model = create(name, attn_backend, swin_sdpa=args.swin_sdpa, num_classes=1000).to(device)
+    if name.startswith(OFFICIAL_FAST):
+        model = official_fast_model(args.official_fast, name[len(OFFICIAL_FAST):]).to(device)
+    else:
+        model = create(name, attn_backend, swin_sdpa=args.swin_sdpa, num_classes=1000).to(device)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    return measure(model, mode, images, dtype, compiled, args.warmup, args.iters)
+    measurement = measure(model, mode, images, dtype, compiled, args.warmup, args.iters)
+    if name.startswith(OFFICIAL_FAST):
+        measurement.attention = 'official code'
+    return measurement
 
 
 def in_fresh_process(function: Callable[..., T], *args) -> T:
@@ -194,7 +221,9 @@ def main() -> None:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--batch-size', type=int, default=None, help='default 128 on CUDA, 8 on CPU')
     parser.add_argument('--img-size', type=int, default=224)
-    parser.add_argument('--sizes', nargs='+', choices=list(PAIRS), default=list(PAIRS))
+    parser.add_argument('--sizes', nargs='+', choices=SIZES, default=list(SIZES))
+    parser.add_argument('--families', nargs='+', choices=list(FAMILIES), default=list(FAMILIES),
+                        help='focal: Focal-T/S/B; fast: Focal-fast-T/S/B')
     parser.add_argument('--mode', nargs='+', choices=['inference', 'train'], default=['inference', 'train'])
     parser.add_argument('--compile', action='store_true', help='also measure torch.compile (CUDA)')
     parser.add_argument('--warmup', type=int, default=None, help='default 10 on CUDA, 2 on CPU')
@@ -203,7 +232,11 @@ def main() -> None:
     parser.add_argument('--attn-backend', nargs='+', choices=['auto', 'sdpa', 'fused'], default=['auto'],
                         help='Focal attention backends to measure (a row each)')
     parser.add_argument('--swin-sdpa', action='store_true', help="timm's Swin with SDPA attention")
+    parser.add_argument('--official-fast', metavar='PATH',
+                        help="the official focal_transformer_v2.py: Focal-fast rows also time its model")
     args = parser.parse_args()
+    if args.official_fast and not os.path.isfile(args.official_fast):
+        parser.error(f'--official-fast {args.official_fast}: no such file')
     device = torch.device(args.device)
     on_cuda = device.type == 'cuda'
     args.batch_size = args.batch_size or (128 if on_cuda else 8)
@@ -218,20 +251,24 @@ def main() -> None:
     print(f'machine: {machine_description(device)}; batch {args.batch_size}, {args.img_size}px, '
           f'{"bf16 autocast" if dtype else f"fp32, {args.threads} threads"}; each measurement in a fresh process')
     print()
-    print('| model | mode | compiled | focal attention (ran) | swin attention | focal img/s | swin img/s | focal/swin '
-          '| focal peak MiB | swin peak MiB | peak ratio |')
+    print('| model | mode | compiled | attention (ran) | swin attention | img/s | swin img/s | model/swin '
+          '| peak MiB | swin peak MiB | peak ratio |')
     print('| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |')
     for size in args.sizes:
-        focal, swin = PAIRS[size]
         for mode in args.mode:
             for compiled in variants:
-                s = in_fresh_process(benchmark_model, swin, mode, args, device, dtype, compiled)
-                for backend in args.attn_backend:
-                    f = in_fresh_process(benchmark_model, focal, mode, args, device, dtype, compiled, backend)
-                    peak = f'{f.peak_mib:.0f} | {s.peak_mib:.0f} | {f.peak_mib / s.peak_mib:.2f}'
-                    print(f'| {size} | {mode} | {"yes" if compiled else "no"} | {backend} ({f.attention}) | '
-                          f'{s.attention} | {f.images_per_s:.1f} | {s.images_per_s:.1f} | '
-                          f'{f.images_per_s / s.images_per_s:.2f} | {peak} |', flush=True)
+                s = in_fresh_process(benchmark_model, SWIN.format(size), mode, args, device, dtype, compiled)
+                rows = [(family, FAMILIES[family].format(size), backend)
+                        for family in args.families for backend in args.attn_backend]
+                if args.official_fast and 'fast' in args.families:
+                    rows.append(('fast', OFFICIAL_FAST + size, None))
+                for family, name, backend in rows:
+                    m = in_fresh_process(benchmark_model, name, mode, args, device, dtype, compiled, backend)
+                    label = f'{family}-{size}' + (' (official code)' if name.startswith(OFFICIAL_FAST) else '')
+                    peak = f'{m.peak_mib:.0f} | {s.peak_mib:.0f} | {m.peak_mib / s.peak_mib:.2f}'
+                    print(f'| {label} | {mode} | {"yes" if compiled else "no"} | {backend or "-"} ({m.attention}) | '
+                          f'{s.attention} | {m.images_per_s:.1f} | {s.images_per_s:.1f} | '
+                          f'{m.images_per_s / s.images_per_s:.2f} | {peak} |', flush=True)
 
 
 if __name__ == '__main__':

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import CheckpointError, classifier_rows, load_exactly, read_checkpoint  # noqa: E402
 from config import load_config  # noqa: E402
 from models import build_model, unwrap_state_dict  # noqa: E402
-from models.build import focal_kwargs_from_config  # noqa: E402
+from models.build import FOCAL_MODELS, focal_kwargs_from_config  # noqa: E402
 from models.focal_backbone import BACKBONE_VARIANTS, FocalBackbone  # noqa: E402
 from models.focal_transformer import FocalTransformer  # noqa: E402
 from utils import UserError  # noqa: E402
@@ -82,9 +82,10 @@ def build_backbone(cfg: Optional[str], model_name: Optional[str], opts: Sequence
     """`FocalBackbone` with the architecture of a focal config or of a `BACKBONE_VARIANTS` name."""
     if cfg:
         config = load_config(cfg, opts)
-        if config.MODEL.TYPE != 'focal':
-            raise ExportError(f"--backbone needs a Focal Transformer config; {cfg} has MODEL.TYPE {config.MODEL.TYPE}")
-        kwargs = focal_kwargs_from_config(config)
+        if config.MODEL.TYPE not in FOCAL_MODELS:
+            raise ExportError(f"--backbone needs a Focal Transformer or Focal-fast config; {cfg} has MODEL.TYPE "
+                              f"{config.MODEL.TYPE}")
+        kwargs = dict(focal_kwargs_from_config(config), model_class=FOCAL_MODELS[config.MODEL.TYPE])
         for name in ('img_size', 'num_classes', 'use_checkpoint'):  # the backbone's own
             kwargs.pop(name)
     elif model_name in BACKBONE_VARIANTS:

@@ -10,8 +10,8 @@ import main
 import models.build as models_build
 from config import (ConfigError, defaults_note, get_config, get_defaults, load_config, merge_overrides, run_folder,
                     validate_config)
-from models import FocalTransformer
-from models.build import FOCAL_ARGUMENT_KEYS, TIMM_ARGUMENT_KEYS, focal_kwargs_from_config, in_config_terms
+from models.build import (FAST_ARGUMENT_KEYS, FOCAL_MODELS, TIMM_ARGUMENT_KEYS, focal_kwargs_from_config,
+                          in_config_terms)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,11 +114,11 @@ def test_timm_kwargs_accept_new_keys(tmp_path):
 
 
 @pytest.mark.parametrize('text, opts, message', [
-    ('MODEL:\n  FOCAL:\n    FOCAL_TOPK: 128\n', [], 'unknown config key: MODEL.FOCAL.FOCAL_TOPK'),
+    ('MODEL:\n  FOCAL:\n    FOCAL_TOP_K: 128\n', [], 'unknown config key: MODEL.FOCAL.FOCAL_TOP_K'),
     ('', ['TRAIN.LR', '0.1'], 'unknown config key: TRAIN.LR'),
     ('DATA:\n  CACHE_MODE: sometimes\n', [], "DATA.CACHE_MODE must be one of"),
     ('TRAIN:\n  EPOCHS: ten\n', [], 'TRAIN.EPOCHS'),
-    ('MODEL:\n  TYPE: focalv2\n', [], "MODEL.TYPE must be one of ['focal', 'timm']"),
+    ('MODEL:\n  TYPE: focalv3\n', [], "MODEL.TYPE must be one of ['focal', 'focalv2', 'timm']"),
     ('DATA:\n  BATCH_SIZE: 7\n', [], 'DATA.BATCH_SIZE must be even with mixup/cutmix'),
     ('', ['TRAIN.EPOCHS'], '--opts needs KEY VALUE pairs'),
     ('TRAIN:\n  EPOCHS: 3\n  WARMUP_EPOCHS: 1: 2\n', [],
@@ -297,7 +297,7 @@ def test_value_out_of_range_is_a_config_error_naming_the_key(tmp_path, key, valu
 def test_every_numeric_key_has_a_range_here_or_in_the_model():
     """The whole class: a numeric key added without a rule fails this test. The model's keys are
     the arguments `models.build` passes to FocalTransformer, whose constructor checks them."""
-    model_keys = set(FOCAL_ARGUMENT_KEYS.values()) | set(TIMM_ARGUMENT_KEYS.values())
+    model_keys = set(FAST_ARGUMENT_KEYS.values()) | set(TIMM_ARGUMENT_KEYS.values())
     unused = {'LOCAL_RANK'}
     for key, value in config._leaves(config.get_defaults()):
         items = value if isinstance(value, (list, tuple)) else [value]
@@ -327,17 +327,20 @@ ARCHITECTURE_MISTAKES = [
     ('MODEL.FOCAL.FOCAL_POOL', "'avg'", 'MODEL.FOCAL.FOCAL_POOL must be one of'),
     ('MODEL.FOCAL.EXPAND_LAYER', "'some'", 'MODEL.FOCAL.EXPAND_LAYER must be one of'),
     ('DATA.IMG_SIZE', '16', 'DATA.IMG_SIZE 16 is too small: with MODEL.FOCAL.PATCH_SIZE 4 and 4 stages'),
+    ('MODEL.TYPE', 'focalv2', 'MODEL.FOCAL.FOCAL_TOPK', '0', 'MODEL.FOCAL.FOCAL_TOPK must be a positive integer'),
+    ('MODEL.TYPE', 'focalv2', 'MODEL.FOCAL.NUM_HEADS', '[3, 0, 12, 24]', 'MODEL.FOCAL.NUM_HEADS[1] = 0 does not'),
 ]
 
 
-@pytest.mark.parametrize('key, value, message', ARCHITECTURE_MISTAKES)
-def test_architecture_mistake_is_the_models_error_worded_with_the_config_key(key, value, message):
+@pytest.mark.parametrize('mistake', ARCHITECTURE_MISTAKES)
+def test_architecture_mistake_is_the_models_error_worded_with_the_config_key(mistake):
     """One place per rule: the config error is the constructor's ValueError, its argument names
-    replaced by the config keys they come from."""
+    replaced by the config keys they come from. (Config key-value pairs, then the message.)"""
+    *opts, message = mistake
     config = get_defaults()
-    merge_overrides(config, [key, value])
+    merge_overrides(config, opts)
     with pytest.raises(ValueError) as model_error:
-        FocalTransformer(**focal_kwargs_from_config(config))
+        FOCAL_MODELS[config.MODEL.TYPE](**focal_kwargs_from_config(config))
     with pytest.raises(ConfigError) as config_error:
         validate_config(config)
     assert str(config_error.value) == in_config_terms(config, str(model_error.value))
@@ -355,7 +358,7 @@ def test_model_error_that_names_no_argument_keeps_its_traceback(monkeypatch):
     def broken(**kwargs):
         raise ValueError('a bug in the model code')
 
-    monkeypatch.setattr(models_build, 'FocalTransformer', broken)
+    monkeypatch.setitem(models_build.FOCAL_MODELS, 'focal', broken)
     models_build._check_focal_arguments.cache_clear()
     with pytest.raises(ValueError, match='a bug in the model code'):
         validate_config(get_defaults())

@@ -33,7 +33,7 @@ def scaled_down(path: str, data_path: str):
     config = get_config(main.parse_args(['--cfg', path, '--data-path', data_path, '--batch-size', '2',
                                          '--opts', 'DATA.NUM_WORKERS', '0', 'DATA.PIN_MEMORY', 'False']))
     config.defrost()
-    if config.MODEL.TYPE == 'focal':
+    if config.MODEL.TYPE != 'timm':
         focal = config.MODEL.FOCAL
         first_heads = focal.NUM_HEADS[0]
         focal.NUM_HEADS = [heads // first_heads for heads in focal.NUM_HEADS]

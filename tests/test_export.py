@@ -26,6 +26,7 @@ NEW_EXPORTER = 'dynamic_shapes' in inspect.signature(torch.onnx.export).paramete
 pytestmark = pytest.mark.filterwarnings(  # PyTorch 2.4's torch.export on the constant index maps it holds
     'ignore:.*(does not reference an nn.Module|no underlying reference in the owning GraphModule):UserWarning')
 SHIFTED = 'MODEL:\n  FOCAL:\n    USE_SHIFT: True\n    DEPTHS: [2, 1, 1, 1]\n'  # stage 0's second block shifts
+FAST_SHIFTED = SHIFTED.replace('MODEL:\n', 'MODEL:\n  TYPE: focalv2\n')  # Focal-fast, built at the micro 32 px
 SIZE = 40  # not a multiple of the windows: the maps are padded
 
 
@@ -64,8 +65,9 @@ def assert_default_exporter_ran(printed: str) -> None:
         assert 'exporter: TorchScript, the fallback: torch 2.4' in printed and 'no torch.export-based' in printed
 
 
-def test_classifier_checkpoint_exports_with_the_default_exporter_and_any_batch_runs(tmp_path, capsys):
-    model = micro_classifier(str(tmp_path))
+@pytest.mark.parametrize('architecture', [SHIFTED, FAST_SHIFTED], ids=['focal', 'focalv2'])
+def test_classifier_checkpoint_exports_with_the_default_exporter_and_any_batch_runs(architecture, tmp_path, capsys):
+    model = micro_classifier(str(tmp_path), architecture)
     torch.save({'model': model.state_dict()}, tmp_path / 'weights.pth')
     output = tmp_path / 'micro.onnx'
     assert export_onnx.main(['--cfg', str(tmp_path / 'micro.yaml'), '--checkpoint', str(tmp_path / 'weights.pth'),
@@ -102,16 +104,19 @@ def test_backbone_exports_its_stage_maps(tmp_path, capsys):
         assert_matches(onnx_outputs(str(output), images), backbone.eval()(images).values())
 
 
-def test_torch_export_of_a_fresh_classifier_has_a_dynamic_batch_and_lowers(tmp_path):
+@pytest.mark.parametrize('architecture, size', [(SHIFTED, SIZE), (FAST_SHIFTED, SIZE), (FAST_SHIFTED, 32)],
+                         ids=['focal', 'focalv2', 'focalv2-at-its-built-size'])
+def test_torch_export_of_a_fresh_classifier_has_a_dynamic_batch_and_lowers(architecture, size, tmp_path):
     """torch.export as AOTInductor and ExecuTorch take it: of a model that never ran (its index maps
-    are built during the trace), batch dynamic, and still right after the decompositions of lowering."""
+    are built during the trace; a Focal-fast model at its built size from the selection it holds),
+    batch dynamic, and still right after the decompositions of lowering."""
     clear_layout_cache()
-    model = micro_classifier(str(tmp_path))
-    example = torch.randn(2, 3, SIZE, SIZE)
+    model = micro_classifier(str(tmp_path), architecture)
+    example = torch.randn(2, 3, size, size)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim('batch')},), strict=False)
     lowered = program.run_decompositions()
     for batch in (1, 3):
-        images = torch.randn(batch, 3, SIZE, SIZE)
+        images = torch.randn(batch, 3, size, size)
         with torch.no_grad():
             assert_matches([program.module()(images)], model(images), 1e-6)
             assert_matches([lowered.module()(images)], model(images), 1e-6)

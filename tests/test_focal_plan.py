@@ -127,6 +127,6 @@ def test_blocks_hold_the_geometry_their_attention_and_layouts_use():
         model(torch.randn(1, 3, 64, 64))
     for stage in model.layers:
         for block in stage.blocks:
-            assert block.geometry is block.attn.geometry and block._layout.geometry == block.geometry
+            assert block.geometry is block.attn.geometry and block.attn._layout.geometry == block.geometry
             assert len(block.pool_layers) == block.geometry.num_pooled_levels
             assert torch.equal(block.attn.position_bias_index, block.geometry.position_bias_index())

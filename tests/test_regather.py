@@ -132,11 +132,11 @@ def test_torch_func_gradients_run_without_regather():
 def test_full_size_focal_tiny_keeps_about_what_swin_tiny_keeps_for_backward():
     """scripts/activation_memory.py at batch 2: Focal-T keeps 1.09x timm's Swin-T (1.27x when
     the gathered keys were kept), weights' bf16 copies and position biases included."""
-    result = subprocess.run([sys.executable, 'scripts/activation_memory.py', '--sizes', 'tiny', '--batch-size', '2'],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+    result = subprocess.run([sys.executable, 'scripts/activation_memory.py', '--sizes', 'tiny', '--families', 'focal',
+                             '--batch-size', '2'], cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, TIMM_FUSED_ATTN='0'))
     assert result.returncode == 0, result.stderr
     row = result.stdout.strip().splitlines()[-1]
     focal_mib, swin_mib, ratio = (float(cell) for cell in row.strip('|').split('|')[1:])
-    assert row.startswith('| tiny |') and focal_mib > 0 and swin_mib > 0
+    assert row.startswith('| focal-tiny |') and focal_mib > 0 and swin_mib > 0
     assert ratio < 1.18, row

@@ -224,7 +224,10 @@ def test_eval_released_evaluates_each_checkpoint_it_downloads(tmp_path):
     downloads = [command[2] for command in commands if command[0] == 'download']
     evaluated = [command[command.index('--resume') + 1]
                  for command in commands if '--eval' in command]
-    assert len(downloads) == 3 and evaluated == downloads
+    released = [timm.get_pretrained_cfg(name).url.rsplit('/', 1)[1]
+                for name in timm.list_models(['focal_*', 'focalv2_*'])]
+    assert len(released) == 9 and sorted(map(os.path.basename, downloads)) == sorted(released)
+    assert evaluated == downloads
     assert all(command[command.index('--tag') + 1] == 'released'
                for command in commands if '--cfg' in command)
 

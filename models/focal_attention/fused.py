@@ -93,6 +93,8 @@ def unavailable_reason(qkv: torch.Tensor, layout: WindowLayout, num_heads: int, 
         return f'inputs on {qkv.device.type} (it needs CUDA{or_interpreter})'
     if qkv.dtype not in DTYPES:
         return f'dtype {qkv.dtype}'
+    if layout.position_bias_per_window:
+        return 'position terms that differ between windows (Focal-fast; the kernel reads one set for all windows)'
     if layout.window_area > MAX_WINDOW_AREA:
         return f'windows of {layout.window_area} tokens (at most {MAX_WINDOW_AREA})'
     if qkv.shape[-1] // 3 // num_heads > MAX_HEAD_DIM:

@@ -24,7 +24,7 @@ one, from a bounded least-recently-used cache (`window_layout`).
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes  # leaves fake and tracing modes
@@ -114,6 +114,20 @@ def shift_regions(height: int, width: int, window_size: int, shift_size: int) ->
             region[h0:h1, w0:w1] = label
             label += 1
     return window_partition(region[None, :, :, None], window_size).flatten(1)
+
+
+def shift_gathers(height: int, width: int, padded_size: Tuple[int, int], shift: int,
+                  device: torch.device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The token gathers that replace a shifted block's two cyclic rolls of its padded map: the
+    first, (Hp*Wp,), rolls the padded map by -shift; the second, (H*W,), rolls it back and crops
+    the padding. (None, None) without shift."""
+    if not shift:
+        return None, None
+    padded_h, padded_w = padded_size
+    r, c = torch.arange(padded_h), torch.arange(padded_w)
+    shifted = ((r[:, None] + shift) % padded_h) * padded_w + (c[None, :] + shift) % padded_w
+    restored = ((r[:height, None] - shift) % padded_h) * padded_w + (c[None, :width] - shift) % padded_w
+    return shifted.flatten().to(device), restored.flatten().to(device)
 
 
 WINDOW, SURROUNDINGS, POOLED = 'window', 'surroundings', 'pooled'  # the kinds of key group, in key order
@@ -246,6 +260,7 @@ class WindowLayout:
     backend_choices: the attention backend chosen for this layout's geometry and device, per kind of
         input; filled by `backends.choose_backend` (a plain attribute, which compiled graphs read).
     """
+    position_bias_per_window = False  # one (nH, ws^2, S) set of position terms serves every window
 
     def __init__(self, height: int, width: int, geometry: FocalGeometry, device: torch.device):
         ws, shift = geometry.window_size, geometry.shift_size
@@ -288,13 +303,7 @@ class WindowLayout:
         self.key_mask = torch.where(self.key_index == zero_token, MASKED, 0.)
         self.key_mask[:, self.num_attended:] = float('-inf')
         self.regions = shift_regions(padded_h, padded_w, ws, shift).to(device) if shift else None
-        self.shift_gather = self.unshift_gather = None
-        if shift:
-            r, c = torch.arange(padded_h), torch.arange(padded_w)
-            shifted = ((r[:, None] + shift) % padded_h) * padded_w + (c[None, :] + shift) % padded_w
-            restored = ((r[:height, None] - shift) % padded_h) * padded_w + (c[None, :width] - shift) % padded_w
-            self.shift_gather = shifted.flatten().to(device)
-            self.unshift_gather = restored.flatten().to(device)
+        self.shift_gather, self.unshift_gather = shift_gathers(height, width, self.padded_size, shift, device)
         index = self.key_index.long()
         self.fine_users = KeyUsers(index.masked_fill(index >= self.num_fine, -1), self.num_fine)
         not_pooled = (index < self.num_fine) | (index == zero_token)
@@ -313,18 +322,34 @@ class WindowLayout:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-_LAYOUTS: 'OrderedDict[tuple, WindowLayout]' = OrderedDict()
+_LAYOUTS: 'OrderedDict[tuple, Any]' = OrderedDict()  # WindowLayout or nearest.NearestLayout
+Layout = TypeVar('Layout')
 
 
 @torch.compiler.disable
-def _build_layout(key: tuple, height: int, width: int, geometry: FocalGeometry, device: torch.device) -> WindowLayout:
-    # Ordinary tensors even when first asked for under inference mode, so the layout can serve a
-    # later training step; built eagerly (outside any compiled graph) and cached. Real tensors also
-    # under torch.export, which runs the forward on fake tensors: the maps are constants of the map
-    # size (their sizes would be data-dependent there), and the exported graph holds them as such.
+def build_eagerly(build: Callable[[], Layout]) -> Layout:
+    """`build()` outside any compiled graph, as ordinary tensors even when first asked for under
+    inference mode (so the layout can serve a later training step), and as real tensors under
+    torch.export, which runs the forward on fake tensors: the maps are constants of the map size
+    (their sizes would be data-dependent there), and the exported graph holds them as such."""
     with _disable_current_modes(), torch.inference_mode(False), torch.no_grad():
-        layout = WindowLayout(height, width, geometry, device)
-    _LAYOUTS[key] = layout
+        return build()
+
+
+def cached_layout(key: tuple, build: Callable[[], Layout]) -> Layout:
+    """The layout cached under `key` (map size, geometry, device), built by `build` on a miss; the
+    least recently used beyond MAX_CACHED_LAYOUTS is dropped."""
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        return _build_and_cache(key, build)
+    if not torch.compiler.is_compiling():
+        _LAYOUTS.move_to_end(key)
+    return layout
+
+
+@torch.compiler.disable
+def _build_and_cache(key: tuple, build: Callable[[], Layout]) -> Layout:
+    layout = _LAYOUTS[key] = build_eagerly(build)
     while len(_LAYOUTS) > MAX_CACHED_LAYOUTS:
         _LAYOUTS.popitem(last=False)
     return layout
@@ -332,13 +357,7 @@ def _build_layout(key: tuple, height: int, width: int, geometry: FocalGeometry, 
 
 def window_layout(height: int, width: int, geometry: FocalGeometry, device: torch.device) -> WindowLayout:
     """The shared layout of a (height, width) map (before padding to window multiples)."""
-    key = (height, width, geometry, device)
-    layout = _LAYOUTS.get(key)
-    if layout is None:
-        return _build_layout(key, height, width, geometry, device)
-    if not torch.compiler.is_compiling():
-        _LAYOUTS.move_to_end(key)
-    return layout
+    return cached_layout((height, width, geometry, device), lambda: WindowLayout(height, width, geometry, device))
 
 
 def clear_layout_cache() -> None:

@@ -12,8 +12,11 @@ from .regather import regathered_in_backward
 
 
 def window_bias(position_bias: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
-    """(nh, nW, ws^2, S) additive bias of every window: the shared position terms plus the
-    layout's masks, built from its compact per-window data in one broadcast add."""
+    """(nh, nW, ws^2, S) additive bias of every window: position terms (nh, nW, ws^2, S) of every
+    window as they are (they hold the masks: Focal-fast); position terms (nh, ws^2, S) shared by all
+    windows plus the layout's masks, built from its compact per-window data in one broadcast add."""
+    if position_bias.dim() == 4:
+        return position_bias.contiguous()
     bias = position_bias[:, None] + layout.key_mask[None, :, None, :]
     if layout.regions is not None:
         area = layout.window_area
