@@ -368,3 +368,20 @@ def test_a_model_built_on_the_meta_device_leaves_real_selections_in_the_cache():
         FocalFastTransformer(**MICRO)
     geometry = NearestGeometry(window_size=7, shift_size=0, num_pooled_levels=1, top_k=128)
     assert all(t.device.type == 'cpu' for level in nearest_selection(geometry, 56, 56) for t in level)
+
+
+def test_exact_loading_takes_an_official_file_and_keeps_the_models_selection_at_another_size():
+    """Evaluation loads exactly: every learned tensor from the file; the key selection is the file's
+    at the file's size and the model's own (what the file's model computes there) at another."""
+    from checkpoint import exact_weights
+    golden = load_golden('fast_default224')
+    model = FocalFastTransformer(**golden['config'])
+    weights = exact_weights({'model': golden['state_dict']}, model, 'official.pth')
+    assert torch.equal(weights['layers.0.blocks.0.attn.nearest_index_0'],
+                       golden['state_dict']['layers.0.blocks.0.attn.topk_cloest_indice_0'])
+    larger = FocalFastTransformer(**{**golden['config'], 'img_size': 256})
+    larger.load_state_dict(exact_weights({'model': golden['state_dict']}, larger, 'official.pth'))
+    reference = golden_model(golden).eval()
+    images = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        assert torch.allclose(larger.eval()(images), reference(images), atol=1e-5)
