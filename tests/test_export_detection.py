@@ -11,8 +11,8 @@ from models import FocalTransformer
 from models.focal_attention import backends_in_use, exporting
 from models.focal_attention.fused import interpreter_unavailable_reason
 
-# Strict torch.export marks its dynamo pass as exporting from torch 2.10 on (backends.exporting).
-STRICT_EXPORT_SEEN = torch.torch_version.TorchVersion(torch.__version__) >= '2.10'
+# Strict torch.export marks its dynamo pass as exporting from torch 2.8 on (backends.exporting).
+STRICT_EXPORT_SEEN = torch.torch_version.TorchVersion(torch.__version__) >= '2.8'
 
 
 class ExportingProbe(nn.Module):
@@ -36,7 +36,7 @@ EXPORTS = {'eager': False, 'torch.compile': False, 'torch.export': True, 'torch.
 @pytest.mark.parametrize('tracer', TRACERS)
 def test_exporting_holds_under_export_and_tracing_only(tracer):
     if tracer == 'torch.export strict' and not STRICT_EXPORT_SEEN:
-        pytest.skip(f'torch {torch.__version__} sets no flag in the dynamo pass of strict export (2.10 and later do)')
+        pytest.skip(f'torch {torch.__version__} sets no flag in the dynamo pass of strict export (2.8 and later do)')
     x = torch.zeros(2)
     torch._dynamo.reset()
     traced = TRACERS[tracer](ExportingProbe(), x)

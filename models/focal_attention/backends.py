@@ -53,7 +53,7 @@ def exporting() -> bool:
     torch.compile. Such graphs cannot carry the fused kernel, a Python custom op launching Triton
     that neither ONNX nor AOTInductor or ExecuTorch can take, so focal attention is exported through
     SDPA. Strict torch.export (strict=True) sets the flag around its dynamo pass only from torch
-    2.10 on: before, only non-strict export (the ONNX exporter's first try) is seen."""
+    2.8 on: before, only non-strict export is seen."""
     return getattr(torch.compiler, _EXPORT_FLAG) or torch.jit.is_tracing()
 
 
