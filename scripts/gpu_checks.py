@@ -1,4 +1,4 @@
-"""Every GPU check and timing of the fused focal attention in one call, with one table printed last.
+"""Every GPU check and timing of the fused focal attention, with one table printed last.
 
   correctness  fused kernel and SDPA against a float64 reference: the attention op at every stage
                shape of Focal-T and Focal-B (fp32 with TF32 off, bf16), output and every gradient;
@@ -7,19 +7,23 @@
                fills every new tensor with NaN, so an output element a kernel never writes fails.
   speed        Focal-T training and inference images/s and peak memory: fused, SDPA, timm's Swin-T
                unfused (timm's default) and with SDPA; Focal-B vs Swin-B. bf16 autocast, batch 128, 224 px.
-  compiled     Focal-T fused under torch.compile: one training step against eager, and its speed.
+  compiled     Focal-T fused under torch.compile: one training step against eager, and its speed
+               against eager's (measured here when the speed part does not run in the same call).
   backbone     the Focal-T backbone's forward+backward at 800x1333 (fused, SDPA) against timm's Swin-T
                at the same padded size (800x1344).
 
-Every row says which attention actually ran, read from the model after it ran.
+Every row says which attention actually ran, read from the model after it ran; Swin rows name the
+timm that built them.
 
-    scripts/gpu_checks.sh all                       # one H100/H200, about 6 minutes
-    scripts/gpu_checks.sh correctness backbone      # some parts
-    python scripts/gpu_checks.py all --dry-run      # CPU: tiny models, fused kernels under TRITON_INTERPRET=1
+    scripts/gpu_checks.sh correctness speed backbone  # the device tool's first call (DEVICE_CALLS)
+    scripts/gpu_checks.sh compiled                    # its second call
+    scripts/gpu_checks.sh all                         # a GPU machine without a time limit per call
+    python scripts/gpu_checks.py all --dry-run        # CPU: tiny models, fused kernels under TRITON_INTERPRET=1
 
 Writes gpu_checks.md (the table and how to read it), gpu_checks.log and gpu_checks.json under --out
-($OUT when set, else gpu_checks/). Exit status 1 if a check fails or a row errs; speed targets are
-reported, not enforced.
+($OUT when set, else gpu_checks/), again after every row: a run stopped by a time-out keeps every
+row it finished. Exit status 1 if a check fails or a row errs; speed targets are reported, not
+enforced.
 """
 import os
 import sys
@@ -56,6 +60,9 @@ PARTS = ('correctness', 'speed', 'compiled', 'backbone')
 MODELS = {'Focal-T': 'focal_tiny_patch4_window7_224', 'Focal-B': 'focal_base_patch4_window7_224',
           'Swin-T': 'swin_tiny_patch4_window7_224', 'Swin-B': 'swin_base_patch4_window7_224'}
 DROP_PATH = {'T': 0.2, 'B': 0.5}  # both papers' training values, the same for Focal and Swin
+# The device tool's calls for every part (docs/benchmarks.md, "GPU checks"): at most 10 minutes each, so
+# the compiled part, whose inductor compiles vary most, runs in a second call of its own.
+DEVICE_CALLS = (('correctness', 'speed', 'backbone'), ('compiled',))
 TINY = {'T': dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2)),
         'B': dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))}
 
@@ -95,15 +102,33 @@ class Row:
     asked: str = 'fused'  # the attention the row asked for: fused, sdpa, timm unfused, timm sdpa
 
 
-class Log:
-    """Prints and keeps every line for gpu_checks.log."""
+class Report:
+    """What this run measured, printed as it goes and written under `out` after every row (gpu_checks.md,
+    .log, .json), so that a run stopped by a time-out keeps every row it finished."""
 
-    def __init__(self):
+    def __init__(self, out: str, machine: str):
+        self.out, self.machine = out, machine
         self.lines: List[str] = []
+        self.rows: List[Row] = []
+        self.errors: List[str] = []
+        os.makedirs(out, exist_ok=True)
+        self(machine)
 
     def __call__(self, line: str = '') -> None:
         print(line, flush=True)
         self.lines.append(line)
+
+    def add(self, rows: List[Row]) -> None:
+        self.rows += rows
+        self.write()
+
+    def write(self) -> None:
+        with open(os.path.join(self.out, 'gpu_checks.md'), 'w') as f:
+            f.write(f'{self.machine}\n\n{HOW_TO_READ}\n\n{table(self.rows)}\n')
+        with open(os.path.join(self.out, 'gpu_checks.log'), 'w') as f:
+            f.write('\n'.join(self.lines + self.errors) + '\n')
+        with open(os.path.join(self.out, 'gpu_checks.json'), 'w') as f:
+            json.dump([dataclasses.asdict(r) for r in self.rows], f, indent=1, default=str)
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -124,6 +149,11 @@ def worst(errors: Dict[str, float]) -> Tuple[float, str]:
 
 def within(error: float, bound: float) -> bool:
     return math.isfinite(error) and error <= bound
+
+
+def named(label: str) -> str:
+    """A model's name in a row: Swin's with the timm version that built it (the baseline moves with timm)."""
+    return f'{label} (timm {timm.__version__})' if label.startswith('Swin') else label
 
 
 def make(label: str, sizes: Sizes, **kwargs) -> torch.nn.Module:
@@ -192,7 +222,7 @@ def float64_copy(inputs: dict) -> dict:
     return copied
 
 
-def attention_op_rows(sizes: Sizes, device: torch.device, log: Log) -> List[Row]:
+def attention_op_rows(sizes: Sizes, device: torch.device, log: Report) -> List[Row]:
     rows = []
     for model_index, label in enumerate(('Focal-T', 'Focal-B')):
         model = make(label, sizes, num_classes=0, img_size=sizes.op_img).to(device)
@@ -226,7 +256,7 @@ def attention_op_rows(sizes: Sizes, device: torch.device, log: Log) -> List[Row]
     return rows
 
 
-def repeatable_row(sizes: Sizes, device: torch.device, log: Log) -> Row:
+def repeatable_row(sizes: Sizes, device: torch.device, log: Report) -> Row:
     model = make('Focal-T', sizes, num_classes=0).to(device)
     inputs, grad_out, names = stage_case(model.layers[0].blocks[0], sizes.step_batch,
                                          stage_map_sizes(model, sizes.img, device)[0], torch.bfloat16, device, 7)
@@ -256,7 +286,7 @@ def compare_step(outputs, reference) -> Dict[str, float]:
     return errors
 
 
-def training_step_row(sizes: Sizes, device: torch.device, log: Log) -> Row:
+def training_step_row(sizes: Sizes, device: torch.device, log: Report) -> Row:
     torch.manual_seed(11)
     model = make('Focal-T', sizes, num_classes=10, drop_path_rate=0.).to(device).train()
     reference_model = copy.deepcopy(model).double()
@@ -279,13 +309,13 @@ def training_step_row(sizes: Sizes, device: torch.device, log: Log) -> Row:
                'PASS' if all(within(e, bound) for e in errors['fused'].values()) else 'FAIL', errors)
 
 
-def correctness(sizes: Sizes, device: torch.device, log: Log, measured: dict) -> List[Row]:
+def correctness(sizes: Sizes, device: torch.device, report: Report, measured: dict) -> None:
     with poisoned_and_deterministic():
         poison = torch.empty(8, device=device)
-        log(f'  new tensors are poisoned with NaN: {bool(torch.isnan(poison).all())}')
-        return [*guarded(attention_op_rows, 'correctness', 'attention op', sizes, device, log),
-                *guarded(lambda *a: [repeatable_row(*a)], 'correctness', 'repeatable backward', sizes, device, log),
-                *guarded(lambda *a: [training_step_row(*a)], 'correctness', 'training step', sizes, device, log)]
+        report(f'  new tensors are poisoned with NaN: {bool(torch.isnan(poison).all())}')
+        guarded(report, attention_op_rows, 'correctness', 'attention op', sizes, device, report)
+        guarded(report, lambda *a: [repeatable_row(*a)], 'correctness', 'repeatable backward', sizes, device, report)
+        guarded(report, lambda *a: [training_step_row(*a)], 'correctness', 'training step', sizes, device, report)
 
 
 # ---- speed --------------------------------------------------------------------------------------
@@ -332,16 +362,15 @@ SPEED_ROWS = (('Swin-T', None, False), ('Swin-T', None, True), ('Focal-T', 'fuse
               ('Swin-B', None, False), ('Focal-B', 'fused', False))  # model, focal backend, timm's SDPA
 
 
-def speed(sizes: Sizes, device: torch.device, log: Log, measured: dict) -> List[Row]:
-    rows = []
+def speed(sizes: Sizes, device: torch.device, report: Report, measured: dict) -> None:
     for mode in ('train', 'inference'):
         for label, backend, swin_sdpa in SPEED_ROWS:
-            what = f'{label} {mode}' + (f', {backend}' if backend else ', timm sdpa' if swin_sdpa else '')
+            what = f'{named(label)} {mode}' + (f', {backend}' if backend else ', timm sdpa' if swin_sdpa else '')
 
             def row() -> List[Row]:
                 m = measured[(label, mode, backend or swin_sdpa)] = measure_row(label, mode, sizes, device, backend,
                                                                                 swin_sdpa)
-                log(f'  {what}: {speed_value(m)} (ran {m.attention})')
+                report(f'  {what}: {speed_value(m)} (ran {m.attention})')
                 target = verdict = '-'
                 base = None if label.startswith('Swin') else measured.get((f'Swin-{label[-1]}', mode, False))
                 reference = ratios(m, base, f'Swin-{label[-1]}')
@@ -355,29 +384,27 @@ def speed(sizes: Sizes, device: torch.device, log: Log, measured: dict) -> List[
                 asked = backend or ('timm sdpa' if swin_sdpa else 'timm unfused')
                 return [Row('speed', what, m.attention, speed_value(m), reference, target, verdict,
                             dataclasses.asdict(m), asked)]
-            rows += guarded(row, 'speed', what)
-    return rows
+            guarded(report, row, 'speed', what)
 
 
 # ---- compiled -----------------------------------------------------------------------------------
 
-def compiled(sizes: Sizes, device: torch.device, log: Log, measured: dict) -> List[Row]:
-    rows = compiled_rows(sizes, device, log, measured)
+def compiled(sizes: Sizes, device: torch.device, report: Report, measured: dict) -> None:
+    compiled_rows(sizes, device, report, measured)
     free_memory()
-    return rows
 
 
-def compiled_rows(sizes: Sizes, device: torch.device, log: Log, measured: dict) -> List[Row]:
+def compiled_rows(sizes: Sizes, device: torch.device, report: Report, measured: dict) -> None:
     """One compiled Focal-T (fused) for every row, so that its graphs compile once: a training step
     against eager (same weights, input and drop-path draws: inductor takes eager's random numbers
-    here), then training and inference speed."""
+    here), then training and inference speed against eager's, measured here on the same model where
+    the speed part did not run in this call (the device's second call runs this part alone)."""
     import torch._inductor.config
     torch._inductor.config.fallback_random = True
     torch.manual_seed(0)
     model = make('Focal-T', sizes, attn_backend='fused', num_classes=1000).to(device).train()
     images = torch.randn(sizes.batch, 3, sizes.img, sizes.img, device=device)
     runner = torch.compile(model, backend=sizes.compile_backend)
-    rows = []
 
     def step_row() -> List[Row]:
         torch.manual_seed(12)
@@ -389,26 +416,29 @@ def compiled_rows(sizes: Sizes, device: torch.device, log: Log, measured: dict) 
         overall = relative_error(torch.cat([g.flatten().float() for g in outputs[1].values()]),
                                  torch.cat([eager[1][n].flatten().float() for n in outputs[1]]))
         error, name = worst({k: v for k, v in errors.items() if k != 'logits'})
-        log(f'  compiled training step vs eager: logits {errors["logits"]:.2e}, all gradients {overall:.2e}, '
+        report(f'  compiled training step vs eager: logits {errors["logits"]:.2e}, all gradients {overall:.2e}, '
             f'worst parameter {error:.2e} ({name})')
         ok = within(errors['logits'], 2e-2) and within(overall, 2e-2) and all(map(math.isfinite, errors.values()))
         return [Row('compiled', f'Focal-T fused training step, torch.compile vs eager, bf16: logits and '
                     f'{len(errors) - 1} gradients (as one vector)', benchmark.attention_in_use(model),
                     f'logits {errors["logits"]:.1e}, gradients {overall:.1e} (worst parameter {error:.1e}: {name})',
                     target='finite, <= 2e-2', verdict='PASS' if ok else 'FAIL', numbers=dict(errors, all=overall))]
-    rows += guarded(step_row, 'compiled', 'training step')
+    guarded(report, step_row, 'compiled', 'training step')
     for mode in ('train', 'inference'):
         def row() -> List[Row]:
+            eager = measured.get(('Focal-T', mode, 'fused'))
+            if eager is None:
+                eager = measured[('Focal-T', mode, 'fused')] = benchmark.measure(
+                    model, mode, images, torch.bfloat16, False, sizes.warmup, sizes.iters)
+                report(f'  eager Focal-T {mode} (the same model): {speed_value(eager)} (ran {eager.attention})')
             m = benchmark.measure(model, mode, images, torch.bfloat16, False, sizes.warmup, sizes.iters,
                                   runner=runner)
-            eager = measured.get(('Focal-T', mode, 'fused'))
-            log(f'  compiled Focal-T {mode}: {speed_value(m)} (ran {m.attention})')
-            verdict = '-' if eager is None else 'met' if m.images_per_s >= eager.images_per_s else 'missed'
+            report(f'  compiled Focal-T {mode}: {speed_value(m)} (ran {m.attention})')
+            verdict = 'met' if m.images_per_s >= eager.images_per_s else 'missed'
             return [Row('compiled', f'Focal-T {mode}, fused, torch.compile ({sizes.compile_backend})', m.attention,
                         speed_value(m), ratios(m, eager, 'eager Focal-T'), '>= 1.0x eager', verdict,
                         dataclasses.asdict(m))]
-        rows += guarded(row, 'compiled', f'Focal-T {mode}')
-    return rows
+        guarded(report, row, 'compiled', f'Focal-T {mode}')
 
 
 # ---- backbone -----------------------------------------------------------------------------------
@@ -429,13 +459,13 @@ def feature_loss(features) -> torch.Tensor:
     return sum(f.float().mean() for f in features)
 
 
-def backbone(sizes: Sizes, device: torch.device, log: Log, measured: dict) -> List[Row]:
+def backbone(sizes: Sizes, device: torch.device, report: Report, measured: dict) -> None:
     height, width = sizes.backbone_size
     padded = (math.ceil(height / 32) * 32, math.ceil(width / 32) * 32)
     architecture = dict(drop_path_rate=DROP_PATH['T'], **sizes.architectures.get('T', {}))
-    rows, swin = [], None
+    swin = None
     for name, size in (('Swin-T', padded), ('Focal-T fused', (height, width)), ('Focal-T sdpa', (height, width))):
-        what = f'{name} backbone forward+backward, {size[0]}x{size[1]}, batch {sizes.backbone_batch}'
+        what = f'{named(name)} backbone forward+backward, {size[0]}x{size[1]}, batch {sizes.backbone_batch}'
 
         def row() -> List[Row]:
             nonlocal swin
@@ -449,32 +479,29 @@ def backbone(sizes: Sizes, device: torch.device, log: Log, measured: dict) -> Li
                                   loss_fn=feature_loss, optimize=False)
             del model, images
             free_memory()
-            log(f'  {what}: {speed_value(m)} (ran {m.attention})')
+            report(f'  {what}: {speed_value(m)} (ran {m.attention})')
             if name == 'Swin-T':
                 swin = m
             return [Row('backbone', what, m.attention, speed_value(m),
                         '-' if name == 'Swin-T' else ratios(m, swin, 'Swin-T'), numbers=dataclasses.asdict(m),
                         asked='timm unfused' if name == 'Swin-T' else name.split()[1])]
-        rows += guarded(row, 'backbone', what)
-    return rows
+        guarded(report, row, 'backbone', what)
 
 
 # ---- the run ------------------------------------------------------------------------------------
 
-ERRORS: List[str] = []
-
-
-def guarded(build: Callable[..., List[Row]], part: str, what: str, *args) -> List[Row]:
-    """The rows `build` makes, or one ERROR row with the exception (its traceback goes to the log)."""
+def guarded(report: Report, build: Callable[..., List[Row]], part: str, what: str, *args) -> None:
+    """Adds the rows `build` makes to the report, or one ERROR row with the exception (its traceback
+    goes to the log)."""
     start = time.perf_counter()
     try:
         rows = build(*args)
         print(f'    ({what}: {time.perf_counter() - start:.1f} s)', flush=True)
-        return rows
     except Exception as error:  # a failed row must not cost the others
-        ERRORS.append(f'{part} / {what}:\n{traceback.format_exc()}')
-        print(ERRORS[-1], file=sys.stderr, flush=True)
-        return [Row(part, what, verdict='ERROR', value=f'{type(error).__name__}: {str(error).splitlines()[0][:120]}')]
+        report.errors.append(f'{part} / {what}:\n{traceback.format_exc()}')
+        print(report.errors[-1], file=sys.stderr, flush=True)
+        rows = [Row(part, what, verdict='ERROR', value=f'{type(error).__name__}: {str(error).splitlines()[0][:120]}')]
+    report.add(rows)
 
 
 def table(rows: List[Row]) -> str:
@@ -495,9 +522,10 @@ HOW_TO_READ = """How to read it:
 - speed, compiled, backbone: median images/s of timed steps (CUDA events, after warm-up) and the
   peak CUDA memory of one further step; vs = ratio to the row named (memory too); targets are issue
   16's (speed targets are reported, not enforced). Same batch, bf16 autocast, drop path and AdamW
-  for every model; backbone rows run forward+backward without an optimizer.
-- Record a GPU run: paste gpu_checks.md into docs/benchmarks.md (GPU runs) with its machine line, and
-  the Focal-T rows into the README's Speed section."""
+  for every model; backbone rows run forward+backward without an optimizer. Swin rows name the timm
+  that built them.
+- Record a GPU run: paste the gpu_checks.md of each call into docs/benchmarks.md (GPU runs) with its
+  machine line, and the Focal-T rows into the README's Speed section."""
 
 
 def machine_line(device: torch.device, dry_run: bool) -> str:
@@ -508,40 +536,31 @@ def machine_line(device: torch.device, dry_run: bool) -> str:
             f'timm {timm.__version__}{"; DRY RUN: tiny sizes, no timing meaning" if dry_run else ""}')
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('parts', nargs='+', choices=('all',) + PARTS)
     parser.add_argument('--dry-run', action='store_true', help='CPU, tiny models, fused kernels under the interpreter')
     parser.add_argument('--out', default=os.environ.get('OUT') or 'gpu_checks', help='folder for the table and logs')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     parts = PARTS if 'all' in args.parts else [p for p in PARTS if p in args.parts]
     device = torch.device('cpu' if args.dry_run else 'cuda')
     if device.type == 'cuda' and not torch.cuda.is_available():
         sys.exit('error: no CUDA device: run on a GPU, or add --dry-run for the CPU check of this script')
     sizes = DRY if args.dry_run else GPU
-    os.makedirs(args.out, exist_ok=True)
-    log = Log()
-    log(machine_line(device, args.dry_run))
+    report = Report(args.out, machine_line(device, args.dry_run))
     measured: dict = {}
-    rows: List[Row] = []
     for part in parts:
-        log(f'== {part}')
+        report(f'== {part}')
         start = time.perf_counter()
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        rows += globals()[part](sizes, device, log, measured)
-        log(f'== {part}: {time.perf_counter() - start:.0f} s')
-    report = f'{machine_line(device, args.dry_run)}\n\n{HOW_TO_READ}\n\n{table(rows)}\n'
-    with open(os.path.join(args.out, 'gpu_checks.md'), 'w') as f:
-        f.write(report)
-    with open(os.path.join(args.out, 'gpu_checks.log'), 'w') as f:
-        f.write('\n'.join(log.lines + ERRORS) + '\n')
-    with open(os.path.join(args.out, 'gpu_checks.json'), 'w') as f:
-        json.dump([dataclasses.asdict(r) for r in rows], f, indent=1, default=str)
+        globals()[part](sizes, device, report, measured)
+        report(f'== {part}: {time.perf_counter() - start:.0f} s')
+        report.write()
     print(f'\n{HOW_TO_READ}\n\nwritten to {args.out}/gpu_checks.md, .log, .json\n')
-    print(machine_line(device, args.dry_run))
-    print(table(rows))
-    sys.exit(1 if any(r.verdict in ('FAIL', 'ERROR') for r in rows) else 0)
+    print(report.machine)
+    print(table(report.rows))
+    return 1 if any(r.verdict in ('FAIL', 'ERROR') for r in report.rows) else 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

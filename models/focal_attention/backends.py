@@ -40,16 +40,21 @@ VERIFY = 'bash scripts/gpu_checks.sh all'
 _logger = logging.getLogger(__package__)
 _CHOICES: Dict[Tuple[FocalGeometry, torch.device], Dict[tuple, str]] = {}  # the one cache
 _LOGGED = set()
-# Absent from PyTorch 2.4, whose torch.export-based ONNX exporter does not exist yet either.
-_is_exporting = getattr(torch.compiler, 'is_exporting', lambda: False)
+# What torch.export sets while it traces a model, read as the flag itself: inside a torch.compile
+# trace, dynamo answers `torch.compiler.is_exporting()` with True on torch 2.7 to 2.11 (fixed in
+# 2.12), so asking it would run SDPA in every compiled graph. Torch 2.4 to 2.6 have no exporting
+# flag; there only torch.export sets the compiling flag (torch.compile sets it too from 2.13 on).
+_EXPORT_FLAG = '_is_exporting_flag' if hasattr(torch.compiler, '_is_exporting_flag') else '_is_compiling_flag'
 
 
 def exporting() -> bool:
     """Whether the model is being traced into a graph for deployment: by torch.export (and the ONNX
-    exporter built on it) or by torch.jit tracing (the TorchScript ONNX exporter). Such graphs
-    cannot carry the fused kernel, a Python custom op launching Triton that neither ONNX nor
-    AOTInductor or ExecuTorch can take, so focal attention is exported through SDPA."""
-    return _is_exporting() or torch.jit.is_tracing()
+    exporter built on it) or by torch.jit tracing (the TorchScript ONNX exporter); never under
+    torch.compile. Such graphs cannot carry the fused kernel, a Python custom op launching Triton
+    that neither ONNX nor AOTInductor or ExecuTorch can take, so focal attention is exported through
+    SDPA. Strict torch.export (strict=True) sets the flag around its dynamo pass only from torch
+    2.8 on: before, only non-strict export is seen."""
+    return getattr(torch.compiler, _EXPORT_FLAG) or torch.jit.is_tracing()
 
 
 class GpuArchitecture(NamedTuple):
