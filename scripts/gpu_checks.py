@@ -6,7 +6,8 @@
                parameter gradient). Fresh random inputs for each check; PyTorch's deterministic mode
                fills every new tensor with NaN, so an output element a kernel never writes fails.
   speed        Focal-T training and inference images/s and peak memory: fused, SDPA, timm's Swin-T
-               unfused (timm's default) and with SDPA; Focal-B vs Swin-B. bf16 autocast, batch 128, 224 px.
+               unfused (timm's default) and with SDPA; Focal-fast-T (SDPA); Focal-B vs Swin-B. bf16
+               autocast, batch 128, 224 px.
   compiled     Focal-T fused under torch.compile: one training step against eager, and its speed
                against eager's (measured here when the speed part does not run in the same call).
   backbone     the Focal-T backbone's forward+backward at 800x1333 (fused, SDPA) against timm's Swin-T
@@ -58,6 +59,7 @@ from models.focal_backbone import focal_backbone  # noqa: E402
 
 PARTS = ('correctness', 'speed', 'compiled', 'backbone')
 MODELS = {'Focal-T': 'focal_tiny_patch4_window7_224', 'Focal-B': 'focal_base_patch4_window7_224',
+          'Focal-fast-T': 'focalv2_tiny_useconv_patch4_window7_224',
           'Swin-T': 'swin_tiny_patch4_window7_224', 'Swin-B': 'swin_base_patch4_window7_224'}
 DROP_PATH = {'T': 0.2, 'B': 0.5}  # both papers' training values, the same for Focal and Swin
 # The device tool's calls for every part (docs/benchmarks.md, "GPU checks"): at most 10 minutes each, so
@@ -359,7 +361,8 @@ def focal_t_target(m: benchmark.Measurement, mode: str, swin: dict) -> Tuple[str
 
 
 SPEED_ROWS = (('Swin-T', None, False), ('Swin-T', None, True), ('Focal-T', 'fused', False), ('Focal-T', 'sdpa', False),
-              ('Swin-B', None, False), ('Focal-B', 'fused', False))  # model, focal backend, timm's SDPA
+              ('Focal-fast-T', 'sdpa', False), ('Swin-B', None, False), ('Focal-B', 'fused', False))
+# (model, focal backend, timm's SDPA); Focal-fast runs SDPA (its position terms differ between windows)
 
 
 def speed(sizes: Sizes, device: torch.device, report: Report, measured: dict) -> None:
@@ -381,6 +384,9 @@ def speed(sizes: Sizes, device: torch.device, report: Report, measured: dict) ->
                         reference += f'; {m.images_per_s / sdpa.images_per_s:.2f}x Swin-T ({sdpa.attention})'
                     if backend == 'fused':
                         target, verdict = focal_t_target(m, mode, swin)
+                elif label == 'Focal-fast-T' and mode == 'train' and base is not None:
+                    target = '>= 0.9x Swin-T'
+                    verdict = 'met' if m.images_per_s >= 0.9 * base.images_per_s else 'missed'
                 asked = backend or ('timm sdpa' if swin_sdpa else 'timm unfused')
                 return [Row('speed', what, m.attention, speed_value(m), reference, target, verdict,
                             dataclasses.asdict(m), asked)]

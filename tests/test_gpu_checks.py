@@ -21,7 +21,7 @@ from models.focal_attention import backends_in_use
 sys.path.insert(0, os.path.join(REPO_ROOT, 'scripts'))
 import gpu_checks  # noqa: E402
 
-ROWS_PER_PART = {'correctness': 6, 'speed': 12, 'compiled': 3, 'backbone': 3}
+ROWS_PER_PART = {'correctness': 6, 'speed': 14, 'compiled': 3, 'backbone': 3}
 
 
 def fused_backend_here() -> str:
