@@ -306,6 +306,15 @@ class WindowLayout:
         image regions, else 0."""
         return torch.where(self.regions[:, :, None] != self.regions[:, None, :], MASKED, 0.)
 
+    def to(self, device: torch.device) -> 'WindowLayout':
+        """This layout with its tensors moved to `device`."""
+        for name in ('key_index', 'key_mask', 'regions', 'shift_gather', 'unshift_gather'):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
+        for users in (self.fine_users, self.pooled_users):
+            users.offsets, users.slots = users.offsets.to(device), users.slots.to(device)
+        return self
+
     def nbytes(self) -> int:
         """Bytes held by the layout's tensors."""
         tensors = [self.key_index, self.key_mask, self.regions, self.shift_gather, self.unshift_gather,
@@ -322,8 +331,10 @@ def _build_layout(key: tuple, height: int, width: int, geometry: FocalGeometry, 
     # later training step; built eagerly (outside any compiled graph) and cached. Real tensors also
     # under torch.export, which runs the forward on fake tensors: the maps are constants of the map
     # size (their sizes would be data-dependent there), and the exported graph holds them as such.
+    # Meta tensors hold no values to select by (the key users' inversion): built on the CPU, then moved.
+    build_on = torch.device('cpu') if device.type == 'meta' else device
     with _disable_current_modes(), torch.inference_mode(False), torch.no_grad():
-        layout = WindowLayout(height, width, geometry, device)
+        layout = WindowLayout(height, width, geometry, build_on).to(device)
     _LAYOUTS[key] = layout
     while len(_LAYOUTS) > MAX_CACHED_LAYOUTS:
         _LAYOUTS.popitem(last=False)
