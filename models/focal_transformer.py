@@ -42,7 +42,6 @@ EXPAND_LAYERS = ('all', 'even', 'odd')
 GLOBAL_POOLS = ('', 'avg', 'max', 'avgmax', 'catavgmax')  # timm's global poolings of an NHWC map ('': none)
 
 
-
 def check_global_pool(global_pool: str) -> None:
     if global_pool not in GLOBAL_POOLS:
         raise ValueError(f'global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}')
@@ -71,6 +70,7 @@ def resize_position_embedding(embedding: torch.Tensor, grid: Tuple[int, int], he
     embedding = embedding.transpose(1, 2).reshape(1, -1, *grid)
     embedding = F.interpolate(embedding, size=(height, width), mode='bicubic', align_corners=False)
     return embedding.flatten(2).transpose(1, 2)
+
 
 class FocalWindowAttention(nn.Module):
     """Focal self-attention of each ws x ws query window over its own tokens, its fine-grained
@@ -470,7 +470,6 @@ class FocalTransformer(nn.Module):
             self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f'layers.{i}.to_map'))
         self.norm = norm_layer(self.num_features)
         self.output_fmt = 'NHWC'  # of forward_features, for timm
-        self.global_pool = global_pool
         self.reset_classifier(num_classes, global_pool)
         self.apply(self._init_weights)
 
@@ -716,8 +715,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 def _create_focal(variant: str, pretrained: bool = False, device=None, dtype=None, **kwargs) -> FocalTransformer:
     """`variant` through timm's builder (pretrained weights through `checkpoint_filter_fn`, then timm's
     adaptation of the stem to another `in_chans`). `features_only` gives NCHW stage maps; by default
-    from `forward_intermediates`, with feature_cls='hook' or 'fx' from each stage's `to_map`.
-    device, dtype (which timm's create_model passes): where and in what precision the model is made."""
+    from `forward_intermediates`, with feature_cls='hook' or 'fx' from each stage's `to_map`; an
+    `out_indices` out of range is a one-line ValueError. device, dtype (which timm's create_model
+    passes): where and in what precision the model is made."""
     num_stages = len(kwargs['depths'])
     out_indices = kwargs.pop('out_indices', tuple(range(num_stages)))
     stage_indices(num_stages, out_indices, 'out_indices')
