@@ -21,9 +21,10 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import adapt_input_conv
 
 from .focal_fast import FAST_ARGS, FocalFastTransformer
-from .focal_transformer import BASE, SMALL, TINY, FocalTransformer, checkpoint_filter_fn, unwrap_state_dict
+from .focal_transformer import BASE, SMALL, STEM_CONV, TINY, FocalTransformer, checkpoint_filter_fn, unwrap_state_dict
 
 _logger = logging.getLogger(__name__)
 
@@ -134,10 +135,11 @@ class FocalBackbone(nn.Module):
     def load_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Load a classification checkpoint (ours or released; `model`/`state_dict` wrappers and
         `module.` prefixes allowed) or a detector checkpoint whose backbone keys start with
-        `backbone.`. The body's weights go through `checkpoint_filter_fn` and load strictly; the
-        stage norms load from `norm{i}` keys when present, else are initialised (weight 1, bias
-        0). Every adaptation is logged; a checkpoint of another architecture raises ValueError, a
-        missing or unreadable file `checkpoint.CheckpointError`."""
+        `backbone.`. The body's weights go through `checkpoint_filter_fn` and, for another `in_chans`,
+        timm's stem adaptation, as timm loads them, and load strictly; the stage norms load from
+        `norm{i}` keys when present, else are initialised (weight 1, bias 0). Every adaptation is
+        logged; a checkpoint of another architecture raises ValueError, a missing or unreadable file
+        `checkpoint.CheckpointError`."""
         state_dict = _read_state_dict(checkpoint)
         stage_norms, body = {}, {}
         for name, value in state_dict.items():
@@ -148,7 +150,10 @@ class FocalBackbone(nn.Module):
                 _logger.warning('checkpoint %s* (%d tensors) is not used by the backbone: dropped',
                                 prefix, len(dropped))
                 body = {k: v for k, v in body.items() if not k.startswith(prefix)}
-        self.body.load_state_dict(checkpoint_filter_fn(body, self.body), strict=True)
+        body = checkpoint_filter_fn(body, self.body)
+        stem = f'{STEM_CONV}.weight'
+        body[stem] = adapt_input_conv(self.body.in_chans, body[stem])
+        self.body.load_state_dict(body, strict=True)
         self._load_stage_norms(stage_norms)
         self.freeze_stages()
 

@@ -15,6 +15,7 @@ shared by all blocks of the same geometry, and the attention runs through SDPA o
 kernel (`attn_backend`). Parameter names and shapes equal the official ones, so released
 checkpoints load through `checkpoint_filter_fn`, and compute the same function on either backend.
 """
+import contextlib
 import functools
 import logging
 import math
@@ -25,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, register_model
+from timm.layers import DropPath, Mlp, SelectAdaptivePool2d, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, register_model, register_notrace_function, register_notrace_module
 from timm.models._features import feature_take_indices
 
 from .focal_attention import (BackendRecord, FocalGeometry, WindowLayout, check_backend, focal_attention,
@@ -39,6 +40,37 @@ __all__ = ['FocalTransformer', 'checkpoint_filter_fn', 'unwrap_state_dict']
 
 POOL_METHODS = ('fc', 'mean', 'max', 'conv', 'none')
 EXPAND_LAYERS = ('all', 'even', 'odd')
+GLOBAL_POOLS = ('', 'avg', 'max', 'avgmax', 'catavgmax')  # timm's global poolings of an NHWC map ('': none)
+
+
+def check_global_pool(global_pool: str) -> None:
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f'global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}')
+
+
+def stage_indices(num_stages: int, indices: Optional[Union[int, Sequence[int]]],
+                  argument: str) -> Tuple[List[int], int]:
+    """timm's `feature_take_indices` (None: every stage, an int n: the last n, a sequence: those
+    stages, negative ones from the end): the absolute indices and the largest. An index out of range
+    is a ValueError naming `argument` (timm asserts)."""
+    if isinstance(indices, int):
+        valid = 1 <= indices <= num_stages
+    else:
+        valid = indices is None or (len(indices) > 0 and all(-num_stages <= i < num_stages for i in indices))
+    if not valid:
+        raise ValueError(f'{argument} must be stage indices in {-num_stages}..{num_stages - 1} or a number '
+                         f'1..{num_stages} of last stages, got {indices!r}')
+    return feature_take_indices(num_stages, indices)
+
+
+@register_notrace_function  # for timm's FX feature extraction: whether to resize depends on the map size
+def resize_position_embedding(embedding: torch.Tensor, grid: Tuple[int, int], height: int, width: int) -> torch.Tensor:
+    """(1, grid_h*grid_w, C) absolute position embedding -> (1, height*width, C), bicubically resized."""
+    if (height, width) == grid:
+        return embedding
+    embedding = embedding.transpose(1, 2).reshape(1, -1, *grid)
+    embedding = F.interpolate(embedding, size=(height, width), mode='bicubic', align_corners=False)
+    return embedding.flatten(2).transpose(1, 2)
 
 
 class WindowAttentionBase(nn.Module):
@@ -184,6 +216,7 @@ class FocalWindowAttention(WindowAttentionBase):
                 f'attn_backend={self.attn_backend!r}')
 
 
+@register_notrace_module  # a leaf (with its subclasses) for timm's FX feature extraction: layouts come from map sizes
 class FocalBlockBase(nn.Module):
     """Pre-norm block around a window attention (`attn`, a `WindowAttentionBase`): the map padded to
     window multiples (and shifted), pooled per level, attended, cropped; then the MLP; each with a
@@ -338,9 +371,19 @@ class PatchEmbed(nn.Module):
         return x, (size[0], size[1])
 
 
+class TokensToMap(nn.Module):
+    """(B, H*W, C) tokens of an (H, W) map -> the (B, C, H, W) map. A module of its own so that
+    timm's hook and FX feature extractors can name each stage's output map (`feature_info`): under FX,
+    'layers.{i}' would also take in the downsample that follows, a child of the same stage."""
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
+
+
 class FocalStage(nn.Module):
     """The blocks of one stage, then (except in the last stage) the patch embedding that halves the
-    map. `forward` runs the blocks only, so that callers can take the stage output before it.
+    map. `forward` runs the blocks only, so that callers can take the stage output before it:
+    (B, H*W, C) tokens of an (H, W) map -> the (B, C, H, W) map.
     block_layer: the block class, called with `FocalTransformerBlock`'s arguments."""
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], depth: int, num_heads: int, window_size: int,
@@ -365,6 +408,7 @@ class FocalStage(nn.Module):
                 drop_path=drop_path[i], norm_layer=norm_layer, pool_method=pool_method,
                 focal_level=focal_level, focal_window=focal_window,
                 use_layerscale=use_layerscale, layerscale_value=layerscale_value, attn_backend=attn_backend))
+        self.to_map = TokensToMap()
         self.downsample = PatchEmbed(
             patch_size=2, in_chans=dim, embed_dim=2 * dim, use_conv_embed=use_conv_embed,
             norm_layer=norm_layer, use_pre_norm=use_pre_norm) if downsample else None
@@ -376,7 +420,7 @@ class FocalStage(nn.Module):
                                                       use_reentrant=False)
             else:
                 x = block(x, height, width)
-        return x
+        return self.to_map(x, height, width)
 
 
 class FocalTransformer(nn.Module):
@@ -390,6 +434,11 @@ class FocalTransformer(nn.Module):
     run; see `models.focal_attention.backends`); `set_attn_backend` switches it later.
     block_layer: the block class of every stage, called with `FocalTransformerBlock`'s arguments
     (`FocalFastTransformer` passes Focal-fast's block).
+
+    The methods follow timm's conventions (as its Swin port): `forward_features` gives the normed final
+    map, (B, H, W, C); `forward_head` pools it by `global_pool` (one of GLOBAL_POOLS; 'avg', the
+    official model's pooling, by default) and classifies, or with `pre_logits=True` gives the pooled
+    (B, head_hidden_size) features, what the official `forward_features` returns.
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4, in_chans: int = 3,
@@ -403,7 +452,7 @@ class FocalTransformer(nn.Module):
                  expand_stages: Sequence[int] = (0, 1, 2, 3), expand_sizes: Sequence[int] = (3, 3, 3, 3),
                  expand_layer: str = 'all', use_conv_embed: bool = False, use_layerscale: bool = False,
                  layerscale_value: float = 1e-4, use_pre_norm: bool = False, attn_backend: str = 'auto',
-                 block_layer: Callable[..., FocalBlockBase] = FocalTransformerBlock, **kwargs):
+                 global_pool: str = 'avg', block_layer: Callable[..., FocalBlockBase] = FocalTransformerBlock):
         super().__init__()
         # Argument checks: ValueError naming the argument (models.build rewords it with the config key).
         def integers(values, low):  # ints (NumPy's too, not bools) of at least `low`
@@ -444,10 +493,9 @@ class FocalTransformer(nn.Module):
         if min(to_2tuple(img_size)) < smallest:
             raise ValueError(f'img_size {img_size} is too small: with patch_size {patch_size} and {num_stages} '
                              f'stages inputs need {smallest} px or more (the last stage needs one token)')
-        if kwargs:
-            _logger.warning('%s ignores unknown arguments %s', type(self).__name__, sorted(kwargs))
+        check_global_pool(global_pool)
 
-        self.num_classes = num_classes
+        self.in_chans = in_chans
         self.num_layers = num_stages
         self.embed_dim = embed_dim
         self.num_features = int(embed_dim * 2 ** (num_stages - 1))
@@ -480,9 +528,10 @@ class FocalTransformer(nn.Module):
                 use_pre_norm=use_pre_norm, downsample=i < num_stages - 1, use_checkpoint=use_checkpoint,
                 use_layerscale=use_layerscale, layerscale_value=layerscale_value, attn_backend=attn_backend,
                 block_layer=block_layer))
-            self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f'layers.{i}'))
+            self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f'layers.{i}.to_map'))
         self.norm = norm_layer(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.output_fmt = 'NHWC'  # of forward_features, for timm
+        self.reset_classifier(num_classes, global_pool)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -521,34 +570,37 @@ class FocalTransformer(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new head for `num_classes` classes (0: none, the model gives the pooled features) after the
+        pooling `global_pool` (one of GLOBAL_POOLS; None keeps the current one), made on the device and
+        in the dtype of the model's parameters, in the model's training mode."""
+        if global_pool is not None:
+            check_global_pool(global_pool)
+            self.global_pool = global_pool
+        self.pool = SelectAdaptivePool2d(pool_type=self.global_pool, flatten=bool(self.global_pool),
+                                         input_fmt='NHWC').train(self.training)
+        self.head_hidden_size = self.num_features * self.pool.feat_mult()
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def absolute_position_embedding(self, height: int, width: int) -> torch.Tensor:
-        """(1, H*W, C) absolute position embedding, bicubically resized from the built grid."""
-        pos = self.absolute_pos_embed
-        if (height, width) == self.patches_resolution:
-            return pos
-        grid = pos.transpose(1, 2).reshape(1, -1, *self.patches_resolution)
-        grid = F.interpolate(grid, size=(height, width), mode='bicubic', align_corners=False)
-        return grid.flatten(2).transpose(1, 2)
+        stem = self.patch_embed.proj.weight
+        self.head = (nn.Linear(self.head_hidden_size, num_classes, device=stem.device, dtype=stem.dtype)
+                     if num_classes > 0 else nn.Identity()).train(self.training)
 
     def stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
         """(B, C, H, W) image -> (B, H/4*W/4, embed_dim) tokens and their map size."""
         x, (height, width) = self.patch_embed(x)
         if self.ape:
-            x = x + self.absolute_position_embedding(height, width)
+            x = x + resize_position_embedding(self.absolute_pos_embed, self.patches_resolution, height, width)
         return self.pos_drop(x), height, width
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, num_features) pooled, normed features."""
+        """(B, C, H, W) image -> (B, H_n, W_n, num_features) final map, normed (timm's convention; the
+        official method also pools it: `forward_head(x, pre_logits=True)`)."""
         x, height, width = self.stem(x)
         for stage in self.layers:
             x = stage(x, height, width)
             if stage.downsample is not None:
-                x, (height, width) = stage.downsample(x.transpose(1, 2).reshape(x.shape[0], -1, height, width))
-        return self.norm(x).mean(1)
+                x, (height, width) = stage.downsample(x)
+        return self.norm(x.permute(0, 2, 3, 1))
 
     def forward_intermediates(
             self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
@@ -557,33 +609,33 @@ class FocalTransformer(nn.Module):
         """timm's multi-scale API: the outputs of the stages in `indices` (last n if int, all if
         None), each taken after the stage's blocks and before its downsample, as (B, C_i, H_i, W_i)
         ('NCHW') or (B, H_i, W_i, C_i) ('NHWC'). `norm` applies the final norm to the last stage's
-        map. Also returns the features `forward_features` would give, or with `stop_early` (which
-        skips the stages after the last one taken) that stage's (B, H_i*W_i, C_i) tokens."""
+        map. Also returns the map `forward_features` would give, or with `stop_early` (which skips
+        the stages after the last one taken) that stage's (B, H_i, W_i, C_i) map."""
         if output_fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        take_indices, max_index = stage_indices(len(self.layers), indices, 'indices')
         last = max_index if stop_early else len(self.layers) - 1
         intermediates = []
         x, height, width = self.stem(x)
         # no ModuleList slice: PyTorch 2.4's torch.export fails on it
         for i, stage in zip(range(last + 1), self.layers):
-            x = stage(x, height, width)
+            x = stage(x, height, width)  # (B, C, H, W), a view of (B, H, W, C) memory
             if i in take_indices:
-                y = self.norm(x) if norm and i == len(self.layers) - 1 else x
-                y = y.view(x.shape[0], height, width, -1)
-                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
+                y = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if norm and i == len(self.layers) - 1 else x
+                intermediates.append(y.contiguous() if output_fmt == 'NCHW' else y.permute(0, 2, 3, 1))
             if stage.downsample is not None and i < last:
-                x, (height, width) = stage.downsample(x.transpose(1, 2).reshape(x.shape[0], -1, height, width))
+                x, (height, width) = stage.downsample(x)
         if intermediates_only:
             return intermediates
-        return (self.norm(x).mean(1) if last == len(self.layers) - 1 else x), intermediates
+        x = x.permute(0, 2, 3, 1)
+        return (self.norm(x) if last == len(self.layers) - 1 else x), intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
         """Drop what the stages in `indices` do not need: later stages and the last kept stage's
         downsample, the final norm (`prune_norm`, or when stages were dropped) and the head.
         Returns the absolute indices kept, for `forward_intermediates`."""
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        take_indices, max_index = stage_indices(len(self.layers), indices, 'indices')
         prune_end = max_index < len(self.layers) - 1
         if prune_end:
             self.layers = self.layers[:max_index + 1]
@@ -596,6 +648,9 @@ class FocalTransformer(nn.Module):
         return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The (B, H, W, C) map of `forward_features` -> (B, num_classes) logits, or with `pre_logits`
+        the (B, head_hidden_size) pooled features (the map itself where `global_pool` is '')."""
+        x = self.pool(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -603,6 +658,7 @@ class FocalTransformer(nn.Module):
 
 
 OFFICIAL_BUFFERS = ('relative_position_index', 'valid_ind_rolled', 'valid_ind_unfold', 'attn_mask')
+STEM_CONV = 'patch_embed.proj'  # the first convolution, `first_conv` in the cfg
 POSITION_TABLES = ('relative_position_bias_table', 'relative_position_bias_table_to_neighbors',
                    'relative_position_bias_table_to_windows')
 # Focal-fast's selection buffers: which keys each window of one map size sees. A model built for
@@ -668,6 +724,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     position embeddings and pooling weights of another window size (bicubic resize), position
     tables the checkpoint lacks or the model lacks (kept at init / dropped). Anything else that
     differs raises ValueError listing the keys.
+
+    The stem convolution of another input channel count (`in_chans`) is passed on as it is: timm's
+    loader adapts it after this filter (`timm.models.adapt_input_conv`), and so must other callers.
     """
     source = selection_state_from_official(unwrap_state_dict(state_dict))
     target = model.state_dict()
@@ -693,6 +752,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
             _logger.warning('checkpoint %s %s does not fit the head %s: re-initialised',
                             name, tuple(value.shape), tuple(wanted.shape))
             result[name] = wanted
+        elif name == f'{STEM_CONV}.weight' and value.shape[:1] + value.shape[2:] == wanted.shape[:1] + wanted.shape[2:]:
+            result[name] = value  # another input channel count, for adapt_input_conv
         else:
             adapted = None if name.endswith('_to_neighbors') else _adapt_tensor(name, value, wanted)
             if adapted is not None:
@@ -729,16 +790,24 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     return result
 
 
-def create_focal(variant: str, pretrained: bool = False, model_class: type = FocalTransformer,
-                 **kwargs) -> FocalTransformer:
-    """timm's `build_model_with_cfg` for a registered focal model (of `model_class`)."""
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(
-        model_class, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        # stages need (H, W): features come from forward_intermediates
-        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
-        **kwargs)
+def create_focal(variant: str, pretrained: bool = False, model_class: type = FocalTransformer, device=None,
+                 dtype=None, **kwargs) -> FocalTransformer:
+    """`variant`, a registered focal model of `model_class`, through timm's builder (pretrained
+    weights through `checkpoint_filter_fn`, then timm's adaptation of the stem to another
+    `in_chans`). `features_only` gives NCHW stage maps; by default from `forward_intermediates`,
+    with feature_cls='hook' or 'fx' from each stage's `to_map`; an `out_indices` out of range is a
+    one-line ValueError. device, dtype (which timm's create_model passes): where and in what
+    precision the model is made."""
+    num_stages = len(kwargs['depths'])
+    out_indices = kwargs.pop('out_indices', tuple(range(num_stages)))
+    stage_indices(num_stages, out_indices, 'out_indices')
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build_model_with_cfg(
+            model_class, variant, pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(feature_cls='getter', out_indices=out_indices, output_fmt='NCHW'),
+            **kwargs)
+    return model.to(device=device, dtype=dtype)
 
 
 RELEASE_URL = 'https://projects4jw.blob.core.windows.net/model/focal-transformer/imagenet1k/'  # official README
@@ -747,9 +816,10 @@ RELEASE_URL = 'https://projects4jw.blob.core.windows.net/model/focal-transformer
 def release_cfg(file_name: str) -> dict:
     """timm's pretrained cfg of a released ImageNet-1K file."""
     return dict(
-        url=RELEASE_URL + file_name, num_classes=1000, input_size=(3, 224, 224), pool_size=None,
+        url=RELEASE_URL + file_name, num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
+        min_input_size=(3, 32, 32),  # one token in the last stage; timm's model tests run at it
         crop_pct=0.875, interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        first_conv='patch_embed.proj', classifier='head', license='mit')
+        first_conv=STEM_CONV, classifier='head', license='mit')
 
 
 default_cfgs = {
@@ -786,16 +856,16 @@ def focal_base_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTr
 @register_model
 def focal_tiny_useconv_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
     return create_focal('focal_tiny_useconv_patch4_window7_224', pretrained,
-                         **dict(TINY, use_conv_embed=True, **kwargs))
+                        **dict(TINY, use_conv_embed=True, **kwargs))
 
 
 @register_model
 def focal_small_useconv_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
     return create_focal('focal_small_useconv_patch4_window7_224', pretrained,
-                         **dict(SMALL, use_conv_embed=True, **kwargs))
+                        **dict(SMALL, use_conv_embed=True, **kwargs))
 
 
 @register_model
 def focal_base_useconv_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
     return create_focal('focal_base_useconv_patch4_window7_224', pretrained,
-                         **dict(BASE, use_conv_embed=True, **kwargs))
+                        **dict(BASE, use_conv_embed=True, **kwargs))

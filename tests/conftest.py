@@ -118,9 +118,10 @@ def interrupted_at_epoch(epoch: int) -> Iterator[None]:
 
 
 def launcher_env() -> Dict[str, str]:
-    """This process's environment for a launched `main.py`: the repository first on `PYTHONPATH`,
-    ahead of (not instead of) the paths already there, which may be where the packages come
-    from; one thread per process (two share the CPU) and no GPU."""
+    """This process's environment for a Python process it launches (`main.py`, timm's model
+    tests): the repository first on `PYTHONPATH`, ahead of (not instead of) the paths already
+    there, which may be where the packages come from; one thread per process (two share the CPU)
+    and no GPU."""
     env = dict(os.environ, OMP_NUM_THREADS='1')
     env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO_ROOT, env.get('PYTHONPATH')) if p)
     env.pop('CUDA_VISIBLE_DEVICES', None)

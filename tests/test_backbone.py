@@ -48,7 +48,7 @@ def randomise_stage_norms(backbone: FocalBackbone) -> None:
 
 
 def stage_outputs_by_hooks(model: FocalTransformer, x: torch.Tensor) -> list:
-    """What each stage's blocks return inside the classifier's own forward, (B, H_i*W_i, C_i)."""
+    """What each stage returns inside the classifier's own forward: its (B, C_i, H_i, W_i) map."""
     outputs = []
     handles = [stage.register_forward_hook(lambda module, args, out: outputs.append(out)) for stage in model.layers]
     with torch.no_grad():
@@ -110,11 +110,25 @@ def test_backbone_features_equal_classifier_stage_outputs(height, width, caplog)
     with torch.no_grad():
         raw = backbone.forward_stages(x)
         features = backbone(x)
-    for i, (stage, tokens) in enumerate(zip(raw, expected)):
-        torch.testing.assert_close(stage.flatten(1, 2), tokens, rtol=0, atol=0)
+    for i, (stage, stage_map) in enumerate(zip(raw, expected)):
+        torch.testing.assert_close(stage, stage_map.permute(0, 2, 3, 1), rtol=0, atol=0)
         norm = backbone.stage_norm(i)
-        normed = F.layer_norm(tokens, norm.normalized_shape, norm.weight, norm.bias)
-        torch.testing.assert_close(features[str(i)], normed.transpose(1, 2).reshape(features[str(i)].shape))
+        normed = F.layer_norm(stage, norm.normalized_shape, norm.weight, norm.bias)
+        torch.testing.assert_close(features[str(i)], normed.permute(0, 3, 1, 2))
+
+
+def test_a_grey_backbone_loads_an_rgb_checkpoint_as_timm_would():
+    """in_chans=1: the stem's three input channels summed (timm's adapt_input_conv), so a grey image
+    gives the stage maps the RGB backbone gives on its three copies."""
+    torch.manual_seed(0)
+    checkpoint = {'model': micro_classifier().state_dict()}
+    rgb, grey = micro_backbone().eval(), micro_backbone(in_chans=1).eval()
+    rgb.load_checkpoint(checkpoint)
+    grey.load_checkpoint(checkpoint)
+    image = torch.randn(1, 1, 64, 96)
+    with torch.no_grad():
+        for got, want in zip(grey(image).values(), rgb(image.expand(-1, 3, -1, -1)).values()):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_imagenet_224_checkpoint_loads_with_logged_adaptations(caplog):
@@ -189,32 +203,35 @@ def test_forward_intermediates_follows_timm_api():
     with torch.no_grad():
         final, maps = model.forward_intermediates(x)
         assert torch.equal(model.forward_head(final), model(x))
-        for stage, tokens in zip(maps, expected):
-            assert torch.equal(stage.flatten(2).transpose(1, 2), tokens)
+        for stage, stage_map in zip(maps, expected):
+            assert torch.equal(stage, stage_map)
         last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
         assert [m.shape[1] for m in last_two] == [64, 128]
         nhwc = model.forward_intermediates(x, indices=[0], stop_early=True, output_fmt='NHWC', intermediates_only=True)
         assert torch.equal(nhwc[0], maps[0].permute(0, 2, 3, 1))
         normed = model.forward_intermediates(x, indices=[-1], norm=True, intermediates_only=True)[0]
-        assert torch.equal(normed.flatten(2).transpose(1, 2), model.norm(expected[-1]))
+        assert torch.equal(normed, model.norm(expected[-1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
     with pytest.raises(ValueError, match='output_fmt'):
         model.forward_intermediates(x, output_fmt='NLC')
 
 
-def test_timm_features_only_gives_stage_maps_and_feature_info():
+@pytest.mark.parametrize('feature_cls', ['getter', 'hook', 'fx'])
+def test_timm_features_only_gives_stage_maps_and_feature_info(feature_cls):
+    """Every timm feature extractor gives each stage's map as forward_intermediates does, NCHW:
+    through forward_intermediates ('getter', the default), forward hooks or an FX graph (which also
+    resizes an absolute position embedding)."""
     torch.manual_seed(0)
-    classifier = micro_classifier()
+    classifier = micro_classifier(ape=True)
     features = timm.create_model('focal_tiny_patch4_window7_224', img_size=(800, 1333), features_only=True,
-                                 out_indices=(1, 2, 3), **MICRO_FOCAL).eval()
-    assert features.feature_info.channels() == [32, 64, 128]
-    assert features.feature_info.reduction() == [8, 16, 32]
-    features.model.load_state_dict({k: v for k, v in classifier.state_dict().items()
-                                    if not k.startswith(('head.', 'norm.'))}, strict=True)
+                                 feature_cls=feature_cls, ape=True, pretrained=True,
+                                 pretrained_cfg_overlay=dict(state_dict=classifier.state_dict()), **MICRO_FOCAL).eval()
+    assert features.feature_info.channels() == [16, 32, 64, 128]
+    assert features.feature_info.reduction() == [4, 8, 16, 32]
     x = torch.randn(1, 3, 600, 408)
     with torch.no_grad():
         maps = features(x)
-        expected = classifier.forward_intermediates(x, indices=[1, 2, 3], intermediates_only=True)
-    assert [tuple(m.shape) for m in maps] == [(1, 32, 75, 51), (1, 64, 37, 25), (1, 128, 18, 12)]
+        expected = classifier.forward_intermediates(x, intermediates_only=True)
+    assert [tuple(m.shape) for m in maps] == [(1, 16, 150, 102), (1, 32, 75, 51), (1, 64, 37, 25), (1, 128, 18, 12)]
     for got, want in zip(maps, expected):
         assert torch.equal(got, want)
 

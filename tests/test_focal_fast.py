@@ -80,8 +80,10 @@ def test_released_focal_fast_checkpoint_gives_official_features_and_logits(name)
     golden = load_golden(name)
     model = golden_model(golden)
     with torch.no_grad():
-        features = model.forward_features(golden['input'])
-        logits = model.forward_head(features)
+        final_map = model.forward_features(golden['input'])
+        features = model.forward_head(final_map, pre_logits=True)
+        logits = model.forward_head(final_map)
+    assert final_map.shape == (2, 7, 7, features.shape[1])  # timm's convention: the normed NHWC map
     assert (features - golden['features']).abs().max() < 1e-4
     assert (logits - golden['logits']).abs().max() <= 1e-4 * golden['logits'].abs().max()
 

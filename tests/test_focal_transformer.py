@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models  # noqa: F401  (registers the timm variants)
+from timm.models import adapt_input_conv
+
 from conftest import MICRO_FOCAL
 from models import FocalTransformer, checkpoint_filter_fn
 from models.focal_attention import pooled_key_size, pooled_neighbourhood, surrounding_offsets
@@ -34,13 +36,21 @@ def golden_model(name: str, **overrides) -> FocalTransformer:
     return model
 
 
+def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """What the official `forward_features` returns: (B, C) pooled, normed features."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
 @pytest.mark.parametrize('name', GOLDEN_NAMES)
 def test_released_checkpoint_matches_official_features(name):
     golden = load_golden(name)
     model = golden_model(name)
     with torch.no_grad():
-        features = model.forward_features(golden['input'])
-        logits = model.forward_head(features)
+        final_map = model.forward_features(golden['input'])
+        features = model.forward_head(final_map, pre_logits=True)
+        logits = model.forward_head(final_map)
+    side = golden['input'].shape[-1] // 32
+    assert final_map.shape == (2, side, side, golden['features'].shape[1])  # (B, H, W, C), timm's convention
     assert (features - golden['features']).abs().max() < 1e-4
     assert (logits - golden['logits']).abs().max() < 1e-4
 
@@ -74,7 +84,7 @@ def test_filter_accepts_wrapped_prefixed_checkpoints():
     model = FocalTransformer(**golden['config']).eval()
     model.load_state_dict(checkpoint_filter_fn(wrapped, model), strict=True)
     with torch.no_grad():
-        assert (model.forward_features(golden['input']) - golden['features']).abs().max() < 1e-4
+        assert (pooled_features(model, golden['input']) - golden['features']).abs().max() < 1e-4
 
 
 def test_filter_reinitialises_head_of_another_class_count(caplog):
@@ -249,7 +259,7 @@ def test_bfloat16_autocast_runs_close_to_float32():
     model = golden_model('default224')
     images = load_golden('default224')['input']
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        features = model.forward_features(images)
+        features = pooled_features(model, images)
     assert features.dtype == torch.bfloat16
     assert (features.float() - load_golden('default224')['features']).abs().max() < 0.1
 
@@ -290,9 +300,51 @@ def test_timm_create_model_loads_a_released_checkpoint_through_the_filter(tmp_pa
     model = timm.create_model('focal_tiny_patch4_window7_224', pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(path), num_classes=10), **config).eval()
     with torch.no_grad():
-        assert (model.forward_features(golden['input']) - golden['features']).abs().max() < 1e-4
+        assert (pooled_features(model, golden['input']) - golden['features']).abs().max() < 1e-4
     cfg = model.pretrained_cfg
     assert (cfg['interpolation'], cfg['crop_pct'], cfg['mean']) == ('bicubic', 0.875, (0.485, 0.456, 0.406))
+
+
+@pytest.mark.parametrize('in_chans', [1, 4])
+def test_timm_pretrained_file_loads_into_another_input_channel_count(tmp_path, in_chans):
+    """The filter passes the 3-channel stem on; timm adapts it after the filter (adapt_input_conv:
+    summed for 1 channel, repeated and rescaled for 4); every other weight loads as released."""
+    golden = load_golden('default224')
+    path = tmp_path / 'focal-micro.pth'
+    torch.save({'model': golden['state_dict']}, path)
+    config = {k: v for k, v in golden['config'].items() if k != 'img_size'}
+    model = timm.create_model('focal_tiny_patch4_window7_224', pretrained=True, in_chans=in_chans,
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=10), **config).eval()
+    stem = golden['state_dict']['patch_embed.proj.weight']
+    assert torch.equal(model.patch_embed.proj.weight, adapt_input_conv(in_chans, stem))
+    released = golden_model('default224')
+    grey = golden['input'][:, :1]
+    with torch.no_grad():
+        if in_chans == 1:  # a grey image: what the released model gives on its RGB copy
+            torch.testing.assert_close(model(grey), released(grey.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-5)
+        else:
+            assert model(grey.expand(-1, 4, -1, -1)).shape == (2, 10)
+    rest = {k: v for k, v in model.state_dict().items() if k != 'patch_embed.proj.weight'}
+    assert all(torch.equal(v, released.state_dict()[k]) for k, v in rest.items())
+
+
+def test_global_pool_and_reset_classifier_follow_timm():
+    model = FocalTransformer(**MICRO, img_size=64).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        final_map = model.forward_features(images)
+        assert final_map.shape == (2, 2, 2, model.num_features) and model.head_hidden_size == model.num_features
+        assert torch.equal(model.forward_head(final_map, pre_logits=True), final_map.mean((1, 2)))
+        model.reset_classifier(5, 'catavgmax')
+        assert model.head_hidden_size == 2 * model.num_features and model(images).shape == (2, 5)
+        concatenated = torch.cat([final_map.mean((1, 2)), final_map.amax((1, 2))], 1)
+        torch.testing.assert_close(model.forward_head(final_map, pre_logits=True), concatenated)
+        model.reset_classifier(0)  # keeps the pooling
+        torch.testing.assert_close(model(images), concatenated)
+        model.reset_classifier(0, '')
+        assert torch.equal(model(images), final_map)
+    unpooled = FocalTransformer(**{**MICRO, 'num_classes': 0}, img_size=64, global_pool='').eval()
+    assert unpooled(images).shape == (2, 2, 2, unpooled.num_features)
 
 
 @pytest.mark.parametrize('name', ['focal_tiny_patch4_window7_224', 'focal_small_patch4_window7_224',
@@ -312,6 +364,34 @@ def test_bad_constructor_arguments_name_the_problem():
         FocalTransformer(**MICRO, expand_layer='some')
     with pytest.raises(ValueError, match='num_heads has 3 entries'):
         FocalTransformer(**{**MICRO, 'num_heads': [1, 2, 4]})
+    with pytest.raises(TypeError, match='not_an_argument'):  # not taken and ignored
+        FocalTransformer(**MICRO, not_an_argument=1)
+
+
+def one_line_error(error: pytest.ExceptionInfo) -> str:
+    assert '\n' not in str(error.value), str(error.value)
+    return str(error.value)
+
+
+def test_timm_users_mistakes_are_one_line_naming_the_argument():
+    variant = 'focal_tiny_patch4_window7_224'
+    with pytest.raises(ValueError) as error:
+        timm.create_model(variant, img_size=16)
+    assert one_line_error(error).startswith('img_size 16 is too small') and '32 px or more' in str(error.value)
+    with pytest.raises(ValueError) as error:
+        timm.create_model(variant, global_pool='token', **MICRO_FOCAL)
+    assert one_line_error(error).startswith("global_pool must be one of ('', 'avg', 'max', 'avgmax', 'catavgmax')")
+    with pytest.raises(ValueError) as error:
+        timm.create_model(variant, features_only=True, out_indices=(0, 4), **MICRO_FOCAL)
+    assert one_line_error(error) == ('out_indices must be stage indices in -4..3 or a number 1..4 of last stages, '
+                                     'got (0, 4)')
+    model = timm.create_model(variant, **MICRO_FOCAL)
+    with pytest.raises(ValueError) as error:
+        model.reset_classifier(5, 'token')
+    assert one_line_error(error).startswith('global_pool must be one of')
+    with pytest.raises(ValueError) as error:
+        model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=[-5])
+    assert one_line_error(error).startswith('indices must be stage indices in -4..3')
 
 
 def test_model_stats_prints_official_size_and_cost():

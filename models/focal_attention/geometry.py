@@ -315,6 +315,15 @@ class WindowLayout:
         image regions, else 0."""
         return torch.where(self.regions[:, :, None] != self.regions[:, None, :], MASKED, 0.)
 
+    def to(self, device: torch.device) -> 'WindowLayout':
+        """This layout with its tensors moved to `device`."""
+        for name in ('key_index', 'key_mask', 'regions', 'shift_gather', 'unshift_gather'):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
+        for users in (self.fine_users, self.pooled_users):
+            users.offsets, users.slots = users.offsets.to(device), users.slots.to(device)
+        return self
+
     def nbytes(self) -> int:
         """Bytes held by the layout's tensors."""
         tensors = [self.key_index, self.key_mask, self.regions, self.shift_gather, self.unshift_gather,
@@ -331,8 +340,10 @@ def build_eagerly(build: Callable[[], Layout]) -> Layout:
     """`build()` outside any compiled graph, as ordinary tensors even when first asked for under
     inference mode (so the layout can serve a later training step), and as real tensors under
     torch.export, which runs the forward on fake tensors: the maps are constants of the map size
-    (their sizes would be data-dependent there), and the exported graph holds them as such."""
-    with _disable_current_modes(), torch.inference_mode(False), torch.no_grad():
+    (their sizes would be data-dependent there), and the exported graph holds them as such. New
+    tensors default to the CPU (not to a default device such as `torch.device('meta')`'s): layouts
+    are computed there and moved."""
+    with _disable_current_modes(), torch.device('cpu'), torch.inference_mode(False), torch.no_grad():
         return build()
 
 
@@ -356,8 +367,12 @@ def _build_and_cache(key: tuple, build: Callable[[], Layout]) -> Layout:
 
 
 def window_layout(height: int, width: int, geometry: FocalGeometry, device: torch.device) -> WindowLayout:
-    """The shared layout of a (height, width) map (before padding to window multiples)."""
-    return cached_layout((height, width, geometry, device), lambda: WindowLayout(height, width, geometry, device))
+    """The shared layout of a (height, width) map (before padding to window multiples). Meta
+    tensors hold no values to select by (the key users' inversion): for the meta device it is
+    built on the CPU, then moved."""
+    build_on = torch.device('cpu') if device.type == 'meta' else device
+    return cached_layout((height, width, geometry, device),
+                         lambda: WindowLayout(height, width, geometry, build_on).to(device))
 
 
 def clear_layout_cache() -> None:
