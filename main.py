@@ -31,8 +31,8 @@ from yacs.config import CfgNode as CN
 
 from checkpoint import (BEST_CHECKPOINT, TrainingParts, epoch_checkpoint_name, load_for_evaluation,
                         load_pretrained, non_finite_tensors, read_checkpoint, training_state)
-from config import (ConfigError, accumulation_steps, config_to_dict, defaults_note, get_config,
-                    run_folder)
+from config import (ConfigError, accumulation_steps, config_record, config_to_dict, defaults_note,
+                    get_config, run_folder)
 from data import Loaders, build_loader, loader_worker_deaths_reported, prepare_demo_data
 from distributed import (DistContext, barrier, broadcast_buffers, check_processes_agree,
                          init_distributed, leave_process_group, stop_watching, writing_files)
@@ -92,14 +92,6 @@ def resolve_amp_dtype(config: CN, device: torch.device) -> Optional[torch.dtype]
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return AMP_DTYPES[config.AMP_DTYPE]
-
-
-def config_record(config: CN) -> dict:
-    """The config as config.yaml and the checkpoints save it (one dict for both): as given,
-    with its `BASE:` files merged in (so the list is emptied)."""
-    record = config_to_dict(config)
-    record['BASE'] = ['']
-    return record
 
 
 def with_num_classes(config: CN, num_classes: int) -> CN:
