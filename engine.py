@@ -88,8 +88,8 @@ class StepResult:
 
     loss: the step's loss in this process (the mean over its micro-batches).
     grad_norm: the total norm of the all-reduced (and unscaled) gradients, before clipping.
-    non_finite_losses: the processes whose loss was not finite: with a grad scaler counted over
-        all processes, without one this process's own (0 or 1).
+    non_finite_losses: how many processes had a non-finite loss: with a grad scaler counted over
+        all processes, without one in this process only (0 or 1).
     """
     loss: float
     grad_norm: float
