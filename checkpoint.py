@@ -8,6 +8,8 @@ last finished one), 'max_accuracy' and 'best_epoch' (the best validation top-1 s
 epoch: what best.pth holds), 'config' (the run's config as given, nested dicts), 'derived' (the
 values the run derived from it: scaled learning rates, class count, total batch, steps per
 epoch) and 'classes'. It holds no scheduler state: the schedule follows the config in force.
+'format_version' (`FORMAT_VERSION`) says which layout this is; a file without it is of the layout
+before versions were recorded, read as before, and one of a newer version is refused.
 """
 import errno
 import logging
@@ -28,12 +30,20 @@ from utils import UserError
 
 EPOCH_CHECKPOINT = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
 BEST_CHECKPOINT = 'best.pth'
+# The layout of the training states `training_state` writes: raise it when the layout changes, and
+# read the files of each earlier version (none: written before it was recorded) as they are.
+FORMAT_VERSION = 1
 
 logger = logging.getLogger('focal')
 
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable, damaged or for another model."""
+
+
+class NewerFormatError(UserError):
+    """A checkpoint of a newer `FORMAT_VERSION` than this code knows. Not a `CheckpointError`:
+    resuming does not skip it for an older checkpoint, which would roll its run back."""
 
 
 def epoch_checkpoint_name(epoch: int) -> str:
@@ -111,8 +121,9 @@ def non_finite_tensors(value: Any, name: str = '') -> List[str]:
 
 def read_checkpoint(path: str) -> Dict[str, Any]:
     """Load a checkpoint on the CPU with `weights_only=True`; clear errors for a missing,
-    unreadable or damaged file. A checkpoint with NaN or infinite values is damaged (training
-    never saves one): it is refused here, naming them, whatever reads it."""
+    unreadable or damaged file, and for one of a newer format version. A checkpoint with NaN or
+    infinite values is damaged (training never saves one): it is refused here, naming them,
+    whatever reads it."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if not looks_like_torch_file(path):
@@ -134,6 +145,11 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, "
                               f"not a dict of weights")
+    version = checkpoint.get('format_version', 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise NewerFormatError(f"checkpoint {path} has format version {version!r}, of a later "
+                               f"version of this code, which reads versions up to {FORMAT_VERSION}: "
+                               f"update the code to read it")
     non_finite = non_finite_tensors(checkpoint)
     if non_finite:
         raise CheckpointError(
@@ -240,7 +256,7 @@ def training_state(parts: TrainingParts, epoch: int, max_accuracy: float,
         'scaler': parts.scaler.state_dict() if parts.scaler is not None else None,
         'ema': parts.ema.module.state_dict() if parts.ema is not None else None,
         'epoch': epoch, 'max_accuracy': max_accuracy, 'best_epoch': best_epoch,
-        'config': config, 'derived': derived, 'classes': classes,
+        'config': config, 'derived': derived, 'classes': classes, 'format_version': FORMAT_VERSION,
     }
 
 

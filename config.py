@@ -640,10 +640,9 @@ def config_to_dict(config: CN) -> dict:
     return plain(config)
 
 
-def dump_config(config: CN, path: str) -> None:
-    """Write the merged config as YAML, loadable again with --cfg (its `BASE:` files are
-    already merged in, so the list is emptied)."""
-    plain = config_to_dict(config)
-    plain['BASE'] = ['']
-    with open(path, 'w') as f:
-        yaml.safe_dump(plain, f, sort_keys=False)
+def config_record(config: CN) -> dict:
+    """The config as config.yaml and the checkpoints save it (one dict for both): as given, with
+    its `BASE:` files merged in (so the list is emptied), loadable again with --cfg."""
+    record = config_to_dict(config)
+    record['BASE'] = ['']
+    return record

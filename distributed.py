@@ -322,16 +322,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_processes_agree(flag: bool, device: torch.device) -> bool:
-    """True only if `flag` is True in every process: keeps ranks taking the same branch
-    (e.g. skipping a backward pass) so that DDP's collectives stay matched."""
-    if not is_distributed():
-        return flag
-    value = torch.tensor(1.0 if flag else 0.0, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
-
-
 def broadcast_buffers(module: nn.Module) -> None:
     """Give every process the floating-point buffers (e.g. batch-norm statistics) of process
     0, as DDP does before each of its forward passes: evaluation runs the unwrapped model,

@@ -7,14 +7,14 @@ import math
 import resource
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from timm.utils import AverageMeter
 from torch import nn
 
 from data.images import DataError
-from distributed import all_processes_agree, all_reduce_sum
+from distributed import all_reduce_sum
 from utils import UserError
 
 
@@ -82,6 +82,58 @@ def memory_used_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """What an optimizer step brings to the host, in its one sync.
+
+    loss: the step's loss in this process (the mean over its micro-batches).
+    grad_norm: the total norm of the all-reduced (and unscaled) gradients, before clipping.
+    non_finite_losses: how many processes had a non-finite loss: with a grad scaler counted over
+        all processes, without one in this process only (0 or 1).
+    """
+    loss: float
+    grad_norm: float
+    non_finite_losses: int
+
+    @property
+    def taken(self) -> bool:
+        """Whether the optimizer stepped: whether the gradient norm is finite."""
+        return math.isfinite(self.grad_norm)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params: List[torch.Tensor],
+                   scaler: Optional[torch.amp.GradScaler], clip_grad: float,
+                   losses: List[torch.Tensor]) -> StepResult:
+    """Clip the accumulated gradients of `params` at `clip_grad` (0: no clipping), step the
+    optimizer if their norm is finite, and zero them; `losses` are the step's micro-batch losses
+    (device scalars). The one host sync of the step fetches its `StepResult` and decides.
+
+    A non-finite loss makes its gradients non-finite, and DDP's all-reduce (after the last
+    micro-batch; the inner ones accumulate under no_sync) carries them into every process's
+    gradients: the norm, the same everywhere, decides alike in every process. With a grad scaler
+    (fp16), overflowing gradients skip steps too, which is how it finds its scale, so only the
+    count of non-finite losses, summed over processes (one all-reduce, no host sync), tells a
+    diverging step. `GradScaler.step` would fetch the scaler's own inf check (a second sync): the
+    norm decides instead (it is not finite when a gradient is not), and `GradScaler.update` lowers
+    the scale from that check on the device.
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else float('inf'))
+    loss = torch.stack(losses).mean()
+    non_finite = (~torch.isfinite(loss)).float()
+    if scaler is not None:
+        all_reduce_sum(non_finite)
+    loss, grad_norm, non_finite = torch.stack([loss, grad_norm.to(loss), non_finite]).tolist()
+    result = StepResult(loss, grad_norm, int(non_finite))
+    if result.taken:
+        optimizer.step()
+    if scaler is not None:
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return result
+
+
 def train_one_epoch(*, model: nn.Module, criterion: Callable, loader,
                     optimizer: torch.optim.Optimizer, scheduler,
                     scaler: Optional[torch.amp.GradScaler] = None, ema=None,
@@ -96,6 +148,12 @@ def train_one_epoch(*, model: nn.Module, criterion: Callable, loader,
     `ema.update` receives the unwrapped module. The scheduler advances once per optimizer
     step, skipped or not, to global step `epoch * steps_per_epoch + step + 1`, so the schedule
     follows the data seen. `epoch` of `num_epochs` is for the log.
+
+    The host waits for the device once per optimizer step (`optimizer_step`); the log, the
+    meters and TensorBoard take the values it fetched. A step skipped for a non-finite loss (or,
+    without a grad scaler, a non-finite gradient norm) counts towards `guard`'s limit, in every
+    process alike; one the grad scaler skips for overflowing gradients counts its loss but no
+    gradient norm and no EMA update, since the weights did not change.
     """
     model.train()
     accumulation = settings.accumulation_steps
@@ -104,10 +162,10 @@ def train_one_epoch(*, model: nn.Module, criterion: Callable, loader,
     no_sync = getattr(model, 'no_sync', None)
     loss_meter, norm_meter, step_time = AverageMeter(), AverageMeter(), AverageMeter()
     optimizer.zero_grad(set_to_none=True)
-    step_ok, step_loss = True, 0.0
     start = end = time.time()
     batches = iter(loader)
     for step in range(steps_per_epoch):
+        losses = []
         for micro in range(accumulation):
             batch = next(batches)
             if batch is None:
@@ -124,45 +182,26 @@ def train_one_epoch(*, model: nn.Module, criterion: Callable, loader,
                 with autocast(device, settings.amp_dtype):
                     outputs = model(images)
                 loss = criterion(outputs.float(), targets)
-                finite = all_processes_agree(bool(torch.isfinite(loss).item()), device)
-                if finite and step_ok:
-                    scaled = loss / accumulation
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                    step_loss += loss.item() / accumulation
-                step_ok = step_ok and finite
+                scaled = loss / accumulation
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            losses.append(loss.detach())
 
-        what = 'loss'
-        grad_norm = None
-        if step_ok:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, settings.clip_grad if settings.clip_grad > 0 else float('inf')).item()
-            if scaler is not None:
-                scaler.step(optimizer)  # skips the step itself on inf/NaN gradients
-                scaler.update()  # and then lowers the scale: the usual start of fp16 training
-                if not math.isfinite(grad_norm):
-                    grad_norm = None  # no step was taken, so there is no gradient norm to report
-            elif not math.isfinite(grad_norm):
-                step_ok, what = False, 'gradient norm'
-            else:
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        result = optimizer_step(optimizer, params, scaler, settings.clip_grad, losses)
+        step_ok = result.taken or (scaler is not None and result.non_finite_losses == 0)
         global_step = epoch * steps_per_epoch + step + 1
         scheduler.step_update(num_updates=global_step)
-        guard.record(step_ok, epoch, step, what)
+        guard.record(step_ok, epoch, step, 'loss' if result.non_finite_losses else 'gradient norm')
         if step_ok:
-            loss_meter.update(step_loss)
+            loss_meter.update(result.loss)
             if tb_writer is not None:
-                tb_writer.add_scalar('train/loss', step_loss, global_step)
+                tb_writer.add_scalar('train/loss', result.loss, global_step)
                 tb_writer.add_scalar('train/lr', optimizer.param_groups[0]['lr'], global_step)
-        if step_ok and grad_norm is not None:  # the weights changed
+        if result.taken:  # the weights changed
             if ema is not None:
                 ema.update(module, step=global_step)
-            norm_meter.update(grad_norm)
+            norm_meter.update(result.grad_norm)
             if tb_writer is not None:
-                tb_writer.add_scalar('train/grad_norm', grad_norm, global_step)
-        step_ok, step_loss = True, 0.0
+                tb_writer.add_scalar('train/grad_norm', result.grad_norm, global_step)
         step_time.update(time.time() - end)
         end = time.time()
 

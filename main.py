@@ -22,7 +22,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -31,8 +31,8 @@ from yacs.config import CfgNode as CN
 
 from checkpoint import (BEST_CHECKPOINT, TrainingParts, epoch_checkpoint_name, load_for_evaluation,
                         load_pretrained, non_finite_tensors, read_checkpoint, training_state)
-from config import (ConfigError, accumulation_steps, config_to_dict, defaults_note, get_config,
-                    run_folder)
+from config import (ConfigError, accumulation_steps, config_record, config_to_dict, defaults_note,
+                    get_config, run_folder)
 from data import Loaders, build_loader, loader_worker_deaths_reported, prepare_demo_data
 from distributed import (DistContext, barrier, broadcast_buffers, check_processes_agree,
                          init_distributed, leave_process_group, stop_watching, writing_files)
@@ -41,7 +41,7 @@ from engine import (EvalResult, NonFiniteGuard, StepSettings, evaluate, measure_
 from lr_scheduler import build_scheduler, scaled_learning_rates
 from models import build_model
 from optimizer import build_optimizer
-from resume import flatten, resume_training
+from resume import Progress, flatten, resume_training
 from run_outputs import RunOutputs
 from utils import UserError, code_version, seed_everything
 
@@ -92,14 +92,6 @@ def resolve_amp_dtype(config: CN, device: torch.device) -> Optional[torch.dtype]
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return AMP_DTYPES[config.AMP_DTYPE]
-
-
-def config_record(config: CN) -> dict:
-    """The config as config.yaml and the checkpoints save it (one dict for both): as given,
-    with its `BASE:` files merged in (so the list is emptied)."""
-    record = config_to_dict(config)
-    record['BASE'] = ['']
-    return record
 
 
 def with_num_classes(config: CN, num_classes: int) -> CN:
@@ -293,11 +285,24 @@ def evaluate_checkpoint(setup: RunSetup, outputs: RunOutputs, checkpoint: dict) 
                           'processes': setup.ctx.world_size})
 
 
-def train(setup: RunSetup, outputs: RunOutputs) -> None:
-    """Learning rates, optimizer, schedule, loss, scaler and EMA; resume; then per epoch:
-    train, evaluate, record the metrics, save the checkpoints."""
-    config, ctx, logger, loaders, model = (setup.config, setup.ctx, setup.logger, setup.loaders,
-                                           setup.model)
+@dataclass
+class Training:
+    """What training builds from the config before its first epoch: the parts a checkpoint
+    saves, the schedule, the loss, how batches become optimizer steps, and the config record
+    with the values the run derived from it (see the module's docstring)."""
+    parts: TrainingParts
+    scheduler: Any
+    criterion: torch.nn.Module
+    settings: StepSettings
+    steps_per_epoch: int
+    record: Dict[str, Any]
+    derived: Dict[str, Any]
+
+
+def build_training(setup: RunSetup) -> Training:
+    """Learning rates scaled to the total batch, optimizer, schedule, loss, grad scaler (fp16)
+    and EMA."""
+    config, ctx, loaders, model = setup.config, setup.ctx, setup.loaders, setup.model
     accumulation = accumulation_steps(config)
     steps_per_epoch = len(loaders.loader_train) // accumulation
     if steps_per_epoch == 0:
@@ -306,93 +311,131 @@ def train(setup: RunSetup, outputs: RunOutputs) -> None:
             f"training images (batch x accumulation x processes) but there are only "
             f"{len(loaders.dataset_train)}: lower --batch-size or --accumulation-steps")
     rates = scaled_learning_rates(config, config.DATA.BATCH_SIZE * ctx.world_size * accumulation)
-    logger.info(f"learning rates for the total batch of {rates.total_batch}: base "
-                f"{rates.base:.3e}, warm-up {rates.warmup:.3e}, min {rates.min:.3e}")
+    setup.logger.info(f"learning rates for the total batch of {rates.total_batch}: base "
+                      f"{rates.base:.3e}, warm-up {rates.warmup:.3e}, min {rates.min:.3e}")
     derived = {'MODEL.NUM_CLASSES': loaders.num_classes, 'TRAIN.BASE_LR': rates.base,
                'TRAIN.WARMUP_LR': rates.warmup, 'TRAIN.MIN_LR': rates.min,
                'total_batch': rates.total_batch, 'processes': ctx.world_size,
                'accumulation_steps': accumulation, 'steps_per_epoch': steps_per_epoch}
-    record = config_record(config)
     optimizer = build_optimizer(config, model, rates.base)
-    scheduler = build_scheduler(config, optimizer, steps_per_epoch, rates)
-    criterion = build_criterion(config, loaders.mixup_fn is not None)
     scaler = torch.amp.GradScaler(ctx.device.type) if setup.amp_dtype == torch.float16 else None
     ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
-    parts = TrainingParts(model, optimizer, scaler, ema)
+    return Training(
+        parts=TrainingParts(model, optimizer, scaler, ema),
+        scheduler=build_scheduler(config, optimizer, steps_per_epoch, rates),
+        criterion=build_criterion(config, loaders.mixup_fn is not None),
+        settings=StepSettings(accumulation_steps=accumulation, clip_grad=config.TRAIN.CLIP_GRAD,
+                              amp_dtype=setup.amp_dtype, print_freq=config.PRINT_FREQ),
+        steps_per_epoch=steps_per_epoch, record=config_record(config), derived=derived)
 
-    progress = resume_training(outputs, config, parts, loaders.classes, record, derived, logger)
+
+def resume_or_start(setup: RunSetup, outputs: RunOutputs, training: Training) -> Progress:
+    """Restore the newest training state (`resume_training`) or start afresh; drop the metrics
+    records of the epochs trained again, write config.yaml and set the schedule to the start."""
+    progress = resume_training(outputs, setup.config, training.parts, setup.loaders.classes,
+                               training.record, training.derived, setup.logger)
     retrained = outputs.drop_training_metrics_from(progress.start_epoch)
     if retrained:
-        logger.info(f"metrics.jsonl: removed the records of epochs {retrained}, which this run "
-                    f"trains again (they were not checkpointed)")
-    outputs.write_config('train', record, derived)
-    scheduler.step_update(num_updates=progress.start_epoch * steps_per_epoch)
+        setup.logger.info(f"metrics.jsonl: removed the records of epochs {retrained}, which this "
+                          f"run trains again (they were not checkpointed)")
+    outputs.write_config('train', training.record, training.derived)
+    training.scheduler.step_update(num_updates=progress.start_epoch * training.steps_per_epoch)
+    return progress
 
-    settings = StepSettings(accumulation_steps=accumulation, clip_grad=config.TRAIN.CLIP_GRAD,
-                            amp_dtype=setup.amp_dtype, print_freq=config.PRINT_FREQ)
-    guard = NonFiniteGuard(config.TRAIN.MAX_NONFINITE_STEPS, logger)
-    logger.info("start training")
-    start_time = time.time()
-    for epoch in range(progress.start_epoch, config.TRAIN.EPOCHS):
-        # Seeding per epoch (and rank; workers also by their id) makes a resumed run draw the
-        # same augmentations, drop paths and mixes as an uninterrupted one.
-        seed_everything(config.SEED + 10007 * epoch + ctx.rank)
-        loaders.set_epoch(epoch)
-        train_loss = train_one_epoch(
-            model=setup.runner, criterion=criterion, loader=loaders.loader_train,
-            optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema,
-            mixup_fn=loaders.mixup_fn, epoch=epoch, num_epochs=config.TRAIN.EPOCHS,
-            steps_per_epoch=steps_per_epoch, settings=settings, guard=guard, device=ctx.device,
-            logger=logger, tb_writer=outputs.tb_writer)
-        if loaders.dataset_train.num_unreadable:
-            logger.warning(f"{loaders.dataset_train.num_unreadable} unreadable training images "
-                           f"skipped so far by this process")
 
-        broadcast_buffers(model)
-        result = evaluate(setup.evaluator, loaders.loader_val, ctx.device, setup.amp_dtype)
-        log_accuracy(logger, result)
-        ema_result = None
-        if ema is not None:
-            broadcast_buffers(ema.module)
-            ema_result = evaluate(ema.module, loaders.loader_val, ctx.device, setup.amp_dtype)
-            log_accuracy(logger, ema_result, 'EMA network')
-        state = training_state(parts, epoch, progress.max_accuracy, progress.best_epoch, record,
-                               derived, loaders.classes)
-        non_finite = non_finite_tensors(state)
-        diverged = bool(non_finite) or not math.isfinite(result.loss)
-        is_best = not diverged and result.acc1 > progress.max_accuracy
+def train_epoch(setup: RunSetup, outputs: RunOutputs, training: Training, guard: NonFiniteGuard,
+                epoch: int) -> float:
+    """Train `epoch`; return its mean training loss. Seeding per epoch (and rank; workers also
+    by their id) makes a resumed run draw the same augmentations, drop paths and mixes as an
+    uninterrupted one."""
+    config, loaders = setup.config, setup.loaders
+    seed_everything(config.SEED + 10007 * epoch + setup.ctx.rank)
+    loaders.set_epoch(epoch)
+    parts = training.parts
+    train_loss = train_one_epoch(
+        model=setup.runner, criterion=training.criterion, loader=loaders.loader_train,
+        optimizer=parts.optimizer, scheduler=training.scheduler, scaler=parts.scaler, ema=parts.ema,
+        mixup_fn=loaders.mixup_fn, epoch=epoch, num_epochs=config.TRAIN.EPOCHS,
+        steps_per_epoch=training.steps_per_epoch, settings=training.settings, guard=guard,
+        device=setup.ctx.device, logger=setup.logger, tb_writer=outputs.tb_writer)
+    if loaders.dataset_train.num_unreadable:
+        setup.logger.warning(f"{loaders.dataset_train.num_unreadable} unreadable training images "
+                             f"skipped so far by this process")
+    return train_loss
+
+
+def evaluate_epoch(setup: RunSetup, ema: Optional[ModelEmaV3]) -> Tuple[EvalResult, Optional[EvalResult]]:
+    """The validation results of the model and of its EMA (None without one), each evaluated
+    with the buffers of process 0, as DDP's forward uses them."""
+    broadcast_buffers(setup.model)
+    result = evaluate(setup.evaluator, setup.loaders.loader_val, setup.ctx.device, setup.amp_dtype)
+    log_accuracy(setup.logger, result)
+    if ema is None:
+        return result, None
+    broadcast_buffers(ema.module)
+    ema_result = evaluate(ema.module, setup.loaders.loader_val, setup.ctx.device, setup.amp_dtype)
+    log_accuracy(setup.logger, ema_result, 'EMA network')
+    return result, ema_result
+
+
+def end_epoch(setup: RunSetup, outputs: RunOutputs, training: Training, progress: Progress,
+              epoch: int, train_loss: float) -> None:
+    """Evaluate `epoch`, record its metrics, and save its checkpoint (every SAVE_FREQ epochs and
+    after the last) and best.pth when it is the best so far (updating `progress`). An epoch whose
+    training state or validation loss is not finite records its metrics and stops the run
+    without saving."""
+    config, logger, parts = setup.config, setup.logger, training.parts
+    result, ema_result = evaluate_epoch(setup, parts.ema)
+    state = training_state(parts, epoch, progress.max_accuracy, progress.best_epoch,
+                           training.record, training.derived, setup.loaders.classes)
+    non_finite = non_finite_tensors(state)
+    diverged = bool(non_finite) or not math.isfinite(result.loss)
+    is_best = not diverged and result.acc1 > progress.max_accuracy
+    if is_best:
+        progress.max_accuracy, progress.best_epoch = result.acc1, epoch
+        state.update(max_accuracy=result.acc1, best_epoch=epoch)
+    logger.info(f'Max accuracy: {progress.max_accuracy:.2f}%')
+
+    # Metrics first: a run killed before its checkpoint trains this epoch again and
+    # replaces them; one killed after it has them. A peer's failure waits for the writes.
+    with writing_files():
+        outputs.append_metrics({
+            'epoch': epoch, 'acc1': result.acc1, 'acc5': result.acc5, 'loss': result.loss,
+            'max_acc1': progress.max_accuracy,
+            'ema_acc1': ema_result.acc1 if ema_result is not None else None,
+            'train_loss': train_loss, 'lr': parts.optimizer.param_groups[0]['lr'],
+            'num_images': result.num_images})
+        scalars = {'val/acc1': result.acc1, 'val/acc5': result.acc5, 'val/loss': result.loss}
+        if ema_result is not None:
+            scalars['val/ema_acc1'] = ema_result.acc1
+        outputs.add_scalars(scalars, epoch)
+        if diverged:
+            what = f"{len(non_finite)} tensors of the training state (e.g. {non_finite[0]})" \
+                if non_finite else "the validation loss"
+            raise TrainingDivergedError(
+                f"training diverged in epoch {epoch}: {what} not finite; stopped without "
+                f"saving, so the last checkpoint is the last good state. Lower TRAIN.BASE_LR, "
+                f"check the data, or try AMP_DTYPE bf16/none")
+        if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
+            path = outputs.save_checkpoint(state, epoch_checkpoint_name(epoch))
+            logger.info(f"saved {path}")
         if is_best:
-            progress.max_accuracy, progress.best_epoch = result.acc1, epoch
-            state.update(max_accuracy=result.acc1, best_epoch=epoch)
-        logger.info(f'Max accuracy: {progress.max_accuracy:.2f}%')
+            outputs.save_checkpoint(state, BEST_CHECKPOINT)
 
-        # Metrics first: a run killed before its checkpoint trains this epoch again and
-        # replaces them; one killed after it has them. A peer's failure waits for the writes.
-        with writing_files():
-            outputs.append_metrics({
-                'epoch': epoch, 'acc1': result.acc1, 'acc5': result.acc5, 'loss': result.loss,
-                'max_acc1': progress.max_accuracy,
-                'ema_acc1': ema_result.acc1 if ema_result is not None else None,
-                'train_loss': train_loss, 'lr': optimizer.param_groups[0]['lr'],
-                'num_images': result.num_images})
-            scalars = {'val/acc1': result.acc1, 'val/acc5': result.acc5, 'val/loss': result.loss}
-            if ema_result is not None:
-                scalars['val/ema_acc1'] = ema_result.acc1
-            outputs.add_scalars(scalars, epoch)
-            if diverged:
-                what = f"{len(non_finite)} tensors of the training state (e.g. {non_finite[0]})" \
-                    if non_finite else "the validation loss"
-                raise TrainingDivergedError(
-                    f"training diverged in epoch {epoch}: {what} not finite; stopped without "
-                    f"saving, so the last checkpoint is the last good state. Lower TRAIN.BASE_LR, "
-                    f"check the data, or try AMP_DTYPE bf16/none")
-            if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
-                path = outputs.save_checkpoint(state, epoch_checkpoint_name(epoch))
-                logger.info(f"saved {path}")
-            if is_best:
-                outputs.save_checkpoint(state, BEST_CHECKPOINT)
+
+def train(setup: RunSetup, outputs: RunOutputs) -> None:
+    """Build the training (`build_training`), resume or start (`resume_or_start`), then per
+    epoch: train (`train_epoch`), then evaluate, record and save (`end_epoch`)."""
+    training = build_training(setup)
+    progress = resume_or_start(setup, outputs, training)
+    guard = NonFiniteGuard(setup.config.TRAIN.MAX_NONFINITE_STEPS, setup.logger)
+    setup.logger.info("start training")
+    start_time = time.time()
+    for epoch in range(progress.start_epoch, setup.config.TRAIN.EPOCHS):
+        train_loss = train_epoch(setup, outputs, training, guard, epoch)
+        end_epoch(setup, outputs, training, progress, epoch, train_loss)
         barrier()
-    logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    setup.logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

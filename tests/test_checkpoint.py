@@ -70,6 +70,32 @@ def test_latest_checkpoint_skips_an_unreadable_newest_file(tmp_path):
     assert ckpt.latest_checkpoint(str(tmp_path / 'missing')) is None
 
 
+def test_a_file_without_a_format_version_reads_as_before(tmp_path):
+    """Training states carry FORMAT_VERSION; one written before it was recorded restores as before."""
+    parts = training_parts(seed=3)
+    state = ckpt.training_state(parts, 4, 55.5, 3, {'MODEL': {'NAME': 'x'}}, {'total_batch': 8})
+    assert state.pop('format_version') == ckpt.FORMAT_VERSION
+    path = str(tmp_path / 'ckpt_epoch_4.pth')
+    ckpt.save_checkpoint(state, path)
+    fresh = training_parts(seed=9)
+    ckpt.restore_training(ckpt.read_training_state(path), path, fresh)
+    for name, value in parts.model.state_dict().items():
+        torch.testing.assert_close(fresh.model.state_dict()[name], value)
+
+
+def test_a_newer_format_version_is_one_error_line_and_not_skipped_for_an_older_file(tmp_path):
+    """Resuming from the older file instead would roll the run back."""
+    for epoch, version in ((1, ckpt.FORMAT_VERSION), (2, ckpt.FORMAT_VERSION + 1)):
+        ckpt.save_checkpoint({'epoch': epoch, 'optimizer': {}, 'format_version': version},
+                             str(tmp_path / f'ckpt_epoch_{epoch}.pth'))
+    with pytest.raises(ckpt.NewerFormatError) as error:
+        ckpt.latest_checkpoint(str(tmp_path))
+    assert str(error.value) == (
+        f"checkpoint {tmp_path / 'ckpt_epoch_2.pth'} has format version {ckpt.FORMAT_VERSION + 1}, of a "
+        f"later version of this code, which reads versions up to {ckpt.FORMAT_VERSION}: update the code "
+        f"to read it")
+
+
 def test_weights_only_checkpoint_cannot_resume_training(tmp_path):
     path = str(tmp_path / 'released.pth')
     torch.save({'model': nn.Linear(4, 4).state_dict()}, path)

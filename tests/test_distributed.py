@@ -272,3 +272,77 @@ def test_launched_processes_keep_the_given_pythonpath(monkeypatch, tmp_path):
     result = subprocess.run([sys.executable, '-c', 'import only_on_given_path, config'], cwd=os.sep,
                             env=launcher_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def train_with_a_non_finite_loss_in_process_1(rank: int, store: str, results: str) -> None:
+    """Process `rank` of 2 (gloo, through the file `store`) trains a DDP-wrapped linear classifier
+    for 3 steps, twice: in fp32 with 2 accumulated micro-batches and clipping, then in fp16 with a
+    grad scaler. Process 1's loss is NaN in the first micro-batch of step 1 (an inner one, under
+    no_sync). Saves to `results`.<rank> each run's weights after every step and its warnings."""
+    import logging
+
+    import torch.distributed as dist
+
+    from engine import NonFiniteGuard, StepSettings, train_one_epoch
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            warnings.append(record.getMessage())
+
+    class WeightsAtEachStep:
+        def step_update(self, num_updates):
+            weights.append(model.weight.detach().clone())
+
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2)
+    logger = logging.getLogger(f'nonfinite{rank}')
+    logger.addHandler(Recorder())
+    runs = {}
+    for name, accumulation, amp_dtype in (('fp32', 2, None), ('fp16', 1, torch.float16)):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(12, 3)
+        forward_calls, weights, warnings = [], [], []
+
+        def nan_in_step_1(module, inputs, output):
+            forward_calls.append(True)
+            return output * float('nan') if rank == 1 and len(forward_calls) == accumulation + 1 else output
+
+        model.register_forward_hook(nan_in_step_1)
+        generator = torch.Generator().manual_seed(rank)
+        batches = [(torch.randn(4, 12, generator=generator), torch.randint(0, 3, (4,), generator=generator))
+                   for _ in range(3 * accumulation)]
+        train_one_epoch(
+            model=torch.nn.parallel.DistributedDataParallel(model), criterion=torch.nn.CrossEntropyLoss(),
+            loader=batches, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            scheduler=WeightsAtEachStep(), scaler=torch.amp.GradScaler('cpu') if amp_dtype else None,
+            epoch=0, num_epochs=1, steps_per_epoch=3,
+            settings=StepSettings(accumulation_steps=accumulation, clip_grad=1.0, amp_dtype=amp_dtype),
+            guard=NonFiniteGuard(3, logger), device=torch.device('cpu'), logger=logger)
+        runs[name] = {'weights': weights, 'warnings': [w for w in warnings if 'non-finite' in w]}
+    torch.save(runs, f'{results}.{rank}')
+    dist.destroy_process_group()
+
+
+def test_a_non_finite_loss_in_one_process_skips_the_step_in_every_process(tmp_path):
+    """The step is skipped in both processes alike and counts in both (in fp32 process 0 sees a
+    non-finite gradient norm; with a grad scaler, which skips overflowing steps uncounted, it counts
+    process 1's non-finite loss), and the next step is taken with the same weights in both."""
+    results = str(tmp_path / 'results')
+    context = torch.multiprocessing.spawn(train_with_a_non_finite_loss_in_process_1, nprocs=2, join=False,
+                                          args=(str(tmp_path / 'store'), results))
+    deadline = time.monotonic() + 180
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail('the two processes did not finish within 180 s (a collective call unmatched?)')
+    runs = [torch.load(f'{results}.{rank}', weights_only=True) for rank in range(2)]
+    for name, seen_by_process_0 in (('fp32', 'gradient norm'), ('fp16', 'loss')):
+        weights = [run[name]['weights'] for run in runs]
+        for step in range(3):
+            torch.testing.assert_close(weights[0][step], weights[1][step], rtol=0, atol=0)
+        assert torch.equal(weights[0][1], weights[0][0]), f"{name}: step 1 skipped"
+        assert not torch.equal(weights[0][2], weights[0][1]), f"{name}: step 2 taken"
+        assert [len(run[name]['warnings']) for run in runs] == [1, 1], runs
+        assert f'step 1: non-finite {seen_by_process_0}, optimizer step skipped' in runs[0][name]['warnings'][0]
+        assert 'step 1: non-finite loss, optimizer step skipped' in runs[1][name]['warnings'][0]

@@ -1,9 +1,11 @@
 """Unit tests of the training step, optimizer groups, schedule and samplers on toy models."""
 import logging
 import math
+from typing import Optional
 
 import pytest
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from config import get_config
@@ -41,22 +43,29 @@ def toy_batches(num_batches: int, batch_size: int, seed: int = 0) -> list:
 
 
 class RecordingScheduler:
-    def __init__(self) -> None:
+    """Records its updates, and marks each in `events` (a list shared with `host_syncs`) when given."""
+
+    def __init__(self, events: Optional[list] = None) -> None:
         self.updates = []
+        self.events = events
 
     def step_update(self, num_updates: int) -> None:
         self.updates.append(num_updates)
+        if self.events is not None:
+            self.events.append('step')
 
 
-def run_epoch(model, batches, accumulation=1, scaler=None, amp_dtype=None, limit=3, ema=None):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = RecordingScheduler()
-    guard = NonFiniteGuard(limit, LOGGER)
-    train_one_epoch(model=model, criterion=nn.CrossEntropyLoss(), loader=batches, optimizer=optimizer,
-                    scheduler=scheduler, scaler=scaler, ema=ema, epoch=0, num_epochs=1,
-                    steps_per_epoch=len(batches) // accumulation,
-                    settings=StepSettings(accumulation_steps=accumulation, amp_dtype=amp_dtype),
-                    guard=guard, device=torch.device('cpu'), logger=LOGGER)
+def run_epoch(model, batches, scaler=None, limit=3, ema=None, scheduler=None, tb_writer=None, **settings):
+    """One epoch of SGD over all of `batches`; `settings` are `StepSettings` fields. Returns the
+    scheduler's updates."""
+    settings = StepSettings(**settings)
+    scheduler = scheduler or RecordingScheduler()
+    train_one_epoch(model=model, criterion=nn.CrossEntropyLoss(), loader=batches,
+                    optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scheduler=scheduler,
+                    scaler=scaler, ema=ema, epoch=0, num_epochs=1,
+                    steps_per_epoch=len(batches) // settings.accumulation_steps, settings=settings,
+                    guard=NonFiniteGuard(limit, LOGGER), device=torch.device('cpu'), logger=LOGGER,
+                    tb_writer=tb_writer)
     return scheduler.updates
 
 
@@ -67,8 +76,8 @@ def test_accumulated_micro_batches_equal_one_large_batch():
     small = toy_batches(4, 4)
     large = [(torch.cat([small[0][0], small[1][0]]), torch.cat([small[0][1], small[1][1]])),
              (torch.cat([small[2][0], small[3][0]]), torch.cat([small[2][1], small[3][1]]))]
-    updates = run_epoch(accumulated, small, accumulation=2)
-    run_epoch(whole, large, accumulation=1)
+    updates = run_epoch(accumulated, small, accumulation_steps=2)
+    run_epoch(whole, large)
     assert updates == [1, 2], "the scheduler must advance once per optimizer step"
     for name, value in whole.state_dict().items():
         torch.testing.assert_close(accumulated.state_dict()[name], value, msg=name)
@@ -92,11 +101,15 @@ def test_single_non_finite_step_is_skipped_and_training_continues():
     assert not torch.equal(before['head.weight'], model.state_dict()['head.weight'])
 
 
-def test_consecutive_non_finite_steps_stop_training():
+@pytest.mark.parametrize('amp_dtype', [None, torch.float16])
+def test_consecutive_non_finite_steps_stop_training(amp_dtype):
+    """Also with fp16, whose grad scaler skips the steps of overflowing gradients without counting
+    them: a non-finite loss counts."""
     model = ToyClassifier()
     model.register_forward_hook(lambda module, inputs, output: output * float('inf'))
-    with pytest.raises(NonFiniteLossError, match='3 optimizer steps in a row'):
-        run_epoch(model, toy_batches(5, 4), limit=3)
+    scaler = torch.amp.GradScaler('cpu') if amp_dtype == torch.float16 else None
+    with pytest.raises(NonFiniteLossError, match='3 optimizer steps in a row had a non-finite loss'):
+        run_epoch(model, toy_batches(5, 4), scaler=scaler, limit=3, amp_dtype=amp_dtype)
 
 
 def test_fp16_grad_scaler_steps_and_tracks_its_scale():
@@ -131,19 +144,73 @@ def test_a_step_the_grad_scaler_skips_reports_no_infinite_gradient_norm(caplog):
     model.head.weight.register_hook(overflow_once)
     scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 8)
     writer = RecordingWriter()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with caplog.at_level(logging.INFO, logger=LOGGER.name):
-        train_one_epoch(model=model, criterion=nn.CrossEntropyLoss(), loader=toy_batches(3, 4),
-                        optimizer=optimizer, scheduler=RecordingScheduler(), scaler=scaler,
-                        epoch=0, num_epochs=1, steps_per_epoch=3,
-                        settings=StepSettings(amp_dtype=torch.float16, print_freq=1),
-                        guard=NonFiniteGuard(3, LOGGER), device=torch.device('cpu'), logger=LOGGER,
-                        tb_writer=writer)
+        run_epoch(model, toy_batches(3, 4), scaler=scaler, tb_writer=writer, amp_dtype=torch.float16,
+                  print_freq=1)
     assert scaler.get_scale() == 2.0 ** 7, "the overflow lowered the scale"
     assert len(writer.scalars['train/loss']) == 3 and len(writer.scalars['train/grad_norm']) == 2
     assert all(math.isfinite(norm) for norm in writer.scalars['train/grad_norm'])
     last = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Train:')][-1]
     assert 'inf' not in last.split('grad_norm')[1], last
+
+
+# What waits for the device: reading a tensor's value on the host (on a GPU each of these waits for
+# every kernel queued before it) and collective calls.
+HOST_READS = ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__', '__index__')
+COLLECTIVES = ('all_reduce', 'all_gather', 'all_gather_into_tensor', 'all_gather_object', 'broadcast',
+               'reduce', 'reduce_scatter', 'barrier')
+
+
+@pytest.fixture
+def host_syncs(monkeypatch) -> list:
+    """A list in which every host read of a tensor (HOST_READS) and every collective call
+    (COLLECTIVES) appends its name, in order, for the rest of the test."""
+    events = []
+
+    def recorded(owner, name):
+        real = getattr(owner, name)
+
+        def recording(*args, **kwargs):
+            events.append(name)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(owner, name, recording)
+
+    for name in HOST_READS:
+        recorded(torch.Tensor, name)
+    for name in COLLECTIVES:
+        recorded(torch.distributed, name)
+    return events
+
+
+@pytest.mark.parametrize('amp_dtype, accumulation, clip_grad', [
+    (None, 2, 1.0), (torch.float16, 1, 0.0), (torch.bfloat16, 3, 0.0)])
+def test_a_training_step_syncs_the_host_once(host_syncs, amp_dtype, accumulation, clip_grad):
+    """One host sync per optimizer step, print steps included, whatever the precision,
+    accumulation and clipping: the gradient norm and the loss come to the host together, and
+    decide the step. Step 1 has a non-finite loss in its first micro-batch (it is skipped), and EMA,
+    TensorBoard and the log take their values too."""
+    model = ToyClassifier()
+    forward_calls = []
+
+    def non_finite_in_step_1(module, inputs, output):
+        forward_calls.append(True)
+        return output * float('nan') if len(forward_calls) == accumulation + 1 else output
+
+    model.register_forward_hook(non_finite_in_step_1)
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 8) if amp_dtype == torch.float16 else None
+    scheduler = RecordingScheduler(host_syncs)
+    run_epoch(model, toy_batches(4 * accumulation, 4), scaler=scaler, ema=ModelEmaV3(model, decay=0.9),
+              scheduler=scheduler, tb_writer=RecordingWriter(), accumulation_steps=accumulation,
+              clip_grad=clip_grad, amp_dtype=amp_dtype, print_freq=2)
+    per_step, count = [], 0
+    for event in host_syncs:
+        if event == 'step':
+            per_step.append(count)
+            count = 0
+        else:
+            count += 1
+    assert scheduler.updates == [1, 2, 3, 4]
+    assert per_step == [1, 1, 1, 1] and count == 0, host_syncs
 
 
 def test_evaluate_counts_top1_top5_and_loss():

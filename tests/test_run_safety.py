@@ -177,6 +177,24 @@ def test_resume_takes_a_module_prefixed_file_as_eval_does(tmp_path, tiny_data, t
     assert [record['epoch'] for record in read_metrics(str(tmp_path / RUN_DIR))] == [1]
 
 
+@pytest.mark.parametrize('format_version', [None, checkpoint.FORMAT_VERSION + 1])
+def test_eval_reads_a_file_without_a_format_version_and_stops_at_a_newer_one(
+        tmp_path, tiny_data, trained_run, capsys, format_version):
+    """A file of before format versions is read as before; a newer one is one error line."""
+    state = load_checkpoint(trained_run['checkpoint'])
+    state.pop('format_version')
+    if format_version is not None:
+        state['format_version'] = format_version
+    path = str(tmp_path / 'versioned.pth')
+    torch.save(state, path)
+    returncode = run_main(run_args(tmp_path, tiny_data, '--eval', '--resume', path))
+    if format_version is None:
+        assert returncode == 0
+    else:
+        assert returncode == 1
+        assert f'has format version {format_version}, of a later version of this code' in error_line(capsys)
+
+
 # 2. Divergence --------------------------------------------------------------------------------
 
 def test_diverged_run_saves_no_checkpoint_and_keeps_metrics_json(tmp_path, tiny_data, capsys):
