@@ -44,18 +44,27 @@ class FocalBackbone(nn.Module):
     """Multi-scale Focal Transformer: (B, 3, H, W) -> OrderedDict {str(i): (B, C_i, H_i, W_i)} for
     i in `out_indices`, H_i = H_pad / strides[i] with H_pad = H rounded up to `pad_to`.
 
-    out_indices: stages to return (0..3; the detectors of the paper take all four, or the last three).
-    frozen_stages: -1 trains everything; 0 freezes the patch embedding (and absolute position
-        embedding); k >= 1 also freezes stages 0..k-1 and the downsample that ends each. Frozen
-        parts stay in eval mode, as in mmdetection backbones.
-    use_checkpoint: gradient checkpointing of every block (less memory, one more forward).
-    img_size: the typical training size. As in the official model it only decides whether a stage
-        map is no larger than the window (then that stage shrinks its window and does not expand);
-        at detection sizes no stage does, so stage 3 also attends to its surroundings.
-    pad_to: the image is zero-padded bottom/right to this multiple, so that every stage has an exact
-        stride; 32 as mmdetection's `size_divisor` and torchvision's detection transform use.
-    model_class: `FocalTransformer`, or `FocalFastTransformer` for a Focal-fast backbone.
-    **model_kwargs: `model_class` arguments (see `BACKBONE_VARIANTS` for Focal-T/S/B and Focal-fast-T/S/B).
+    Args:
+        out_indices: stages to return (0..3; the detectors of the paper take all four, or the last
+            three). Default (0, 1, 2, 3).
+        frozen_stages: -1 trains everything; 0 freezes the patch embedding (and absolute position
+            embedding); k >= 1 also freezes stages 0..k-1 and the downsample that ends each. Frozen
+            parts stay in eval mode, as in mmdetection backbones. Default -1.
+        use_checkpoint: gradient checkpointing of every block (less memory, one more forward).
+            Default False.
+        img_size: the typical training size. As in the official model it only decides whether a stage
+            map is no larger than the window (then that stage shrinks its window and does not expand);
+            at detection sizes no stage does, so stage 3 also attends to its surroundings.
+            Default (800, 1333).
+        pad_to: the image is zero-padded bottom/right to this multiple, so that every stage has an exact
+            stride; 32 as mmdetection's `size_divisor` and torchvision's detection transform use.
+            Default 32.
+        norm_layer: normalization layer of the body and of the per-stage output norms `norm{i}`.
+            Default nn.LayerNorm.
+        model_class: `FocalTransformer`, or `FocalFastTransformer` for a Focal-fast backbone.
+            Default `FocalTransformer`.
+        **model_kwargs: `model_class` arguments (see `BACKBONE_VARIANTS` for Focal-T/S/B and
+            Focal-fast-T/S/B); `num_classes` is 0 (no head).
     """
 
     def __init__(self, out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,

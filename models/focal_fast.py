@@ -32,10 +32,22 @@ class FocalFastAttention(WindowAttentionBase):
     official `WindowAttention`'s parameters: `qkv`, `proj` and one position MLP per level,
     Linear(2, head_dim) -> ReLU -> Linear(head_dim, num_heads), in `coord2rpb_all`.
 
-    geometry: `NearestGeometry.of_block`. input_resolution: the map size the model is built for, whose
-    selection the module holds as buffers (`nearest_index_{l}` (nW, K), `nearest_offset_{l}` (nW, K, 2)),
-    computed or loaded (`load_state_dict`; the layout reads the buffers as loaded, a CPU copy that
-    tracing for export leaves real).
+    The module holds the selection of `input_resolution` as buffers (`nearest_index_{l}` (nW, K),
+    `nearest_offset_{l}` (nW, K, 2)), computed or loaded (`load_state_dict`; the layout reads the
+    buffers as loaded, a CPU copy that tracing for export leaves real).
+
+    Args:
+        dim: number of input channels.
+        geometry: the block's key plan (`NearestGeometry.of_block`: window size, shift, pooled levels, K).
+        input_resolution: (height, width) of the map at the size the model is built for, whose
+            selection the module holds.
+        num_heads: number of attention heads; must divide `dim`.
+        qkv_bias: add a learnable bias to query, key and value. Default True.
+        qk_scale: overrides the default query-key scale head_dim ** -0.5 if set. Default None.
+        attn_drop: dropout ratio of the attention weights. Default 0.
+        proj_drop: dropout ratio of the output. Default 0.
+        attn_backend: 'auto', 'sdpa' or 'fused' (see `focal_attention`; Focal-fast runs SDPA, since
+            its position terms differ between windows). Default 'auto'.
     """
 
     def __init__(self, dim: int, geometry: NearestGeometry, input_resolution: Tuple[int, int], num_heads: int,
@@ -93,6 +105,31 @@ class FocalFastBlock(FocalBlockBase):
     accepted and unused, as in the official block. `input_resolution` decides whether the map is no
     larger than the window (then the window shrinks to it, without shift) and which selection the
     block holds; the block runs on any map size, padding it to window multiples.
+
+    Args:
+        dim: number of input channels.
+        input_resolution: (height, width) of the map at the size the model is built for.
+        num_heads: number of attention heads; must divide `dim`.
+        window_size: side of the query windows. Default 7.
+        expand_size: accepted and unused, as in the official block. Default 0.
+        shift_size: cyclic shift of the windows, in tokens; 0: none. Default 0.
+        mlp_ratio: ratio of the MLP's hidden width to `dim`. Default 4.
+        qkv_bias: add a learnable bias to query, key and value. Default True.
+        qk_scale: overrides the default query-key scale head_dim ** -0.5 if set. Default None.
+        drop: dropout rate (MLP and attention output). Default 0.
+        attn_drop: attention dropout rate. Default 0.
+        drop_path: stochastic depth rate. Default 0.
+        act_layer: activation layer of the MLP. Default nn.GELU.
+        norm_layer: normalization layer. Default nn.LayerNorm.
+        pool_method: window pooling method: 'none', 'fc', 'conv', 'mean' or 'max'. Default 'none'.
+        focal_level: number of levels: the nearest tokens, then focal_level - 1 pooled levels (none
+            with pool_method 'none'). Default 1.
+        focal_window: accepted and unused, as in the official block. Default 1.
+        top_k: the number of nearest tokens, and of nearest pooled windows at each pooled level,
+            each window attends to (the official `topK`). Default 64.
+        use_layerscale: layer scale, for training stability. Default False.
+        layerscale_value: initial value of the layer scale. Default 1e-4.
+        attn_backend: 'auto', 'sdpa' or 'fused' (see `FocalFastAttention`). Default 'auto'.
     """
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
@@ -115,6 +152,17 @@ class FocalFastTransformer(FocalTransformer):
     and `focal_topK`, the number of nearest keys per window and level (official default 64; the
     released models use 128). As in the official model, `expand_sizes`, `expand_stages`,
     `expand_layer` and `focal_windows` are accepted (official configs set them) and unused.
+
+    Args:
+        focal_topK: the number of nearest tokens (level 0), and of nearest pooled windows at each
+            pooled level, that each window attends to. Keyword only. Default 64.
+        **kwargs: every `FocalTransformer` argument but `block_layer` (img_size, patch_size,
+            in_chans, num_classes, embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias,
+            qk_scale, drop_rate, attn_drop_rate, drop_path_rate, norm_layer, ape, patch_norm,
+            use_checkpoint, use_shift, focal_stages, focal_levels, focal_windows, focal_pool,
+            expand_stages, expand_sizes, expand_layer, use_conv_embed, use_layerscale,
+            layerscale_value, use_pre_norm, attn_backend, global_pool), with its meaning and
+            default; see `FocalTransformer`.
     """
 
     def __init__(self, *, focal_topK: int = 64, **kwargs):

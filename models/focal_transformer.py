@@ -76,10 +76,16 @@ def resize_position_embedding(embedding: torch.Tensor, grid: Tuple[int, int], he
 class WindowAttentionBase(nn.Module):
     """What the focal attentions share: queries, keys and values of a window's map (`qkv`), keys and
     values of pooled tokens, the attention of each window over the keys its layout lists, plus the
-    position terms of the subclass (`position_bias`), and the output projection.
+    position terms of the subclass (`position_bias`), and the output projection (added by the
+    subclass: `add_projections`).
 
-    geometry: the block's key plan, from which `build_layout` makes the index maps of a map size.
-    attn_backend: see `focal_attention`.
+    Args:
+        dim: number of input channels.
+        geometry: the block's key plan, from which `build_layout` makes the index maps of a map size.
+        num_heads: number of attention heads; must divide `dim`.
+        qk_scale: overrides the default query-key scale head_dim ** -0.5 if set. Default None.
+        attn_drop: dropout ratio of the attention weights. Default 0.
+        attn_backend: 'auto', 'sdpa' or 'fused' (see `focal_attention`). Default 'auto'.
     """
 
     def __init__(self, dim: int, geometry, num_heads: int, qk_scale: Optional[float] = None, attn_drop: float = 0.,
@@ -149,9 +155,19 @@ class FocalWindowAttention(WindowAttentionBase):
     """Focal self-attention of each ws x ws query window over its own tokens, its fine-grained
     surroundings and the pooled tokens of neighbouring windows at each coarser level.
 
-    geometry: the block's key sets (`FocalGeometry.of_block`). The module holds one position-bias
-    table per key group, with the names and shapes of the official `WindowAttention`, and the
-    geometry's index into them. attn_backend: see `focal_attention`.
+    The module holds one position-bias table per key group, with the names and shapes of the
+    official `WindowAttention`, and the geometry's index into them.
+
+    Args:
+        dim: number of input channels.
+        geometry: the block's key sets (`FocalGeometry.of_block`: window size, expand size, focal
+            window, pooled levels and shift, the official `WindowAttention`'s arguments).
+        num_heads: number of attention heads; must divide `dim`.
+        qkv_bias: add a learnable bias to query, key and value. Default True.
+        qk_scale: overrides the default query-key scale head_dim ** -0.5 if set. Default None.
+        attn_drop: dropout ratio of the attention weights. Default 0.
+        proj_drop: dropout ratio of the output. Default 0.
+        attn_backend: 'auto', 'sdpa' or 'fused' (see `focal_attention`). Default 'auto'.
     """
 
     def __init__(self, dim: int, geometry: FocalGeometry, num_heads: int, qkv_bias: bool = True,
@@ -224,8 +240,22 @@ class FocalBlockBase(nn.Module):
     `attention`, which builds the attention module for it (called where the official block builds
     it, so that a seed initialises the same weights).
 
-    pool_method: how level k pools sub-windows of side ws // 2^k into one token: 'fc' (a learned
-    weight per position), 'conv' (depthwise), 'mean', 'max' or 'none' (no pooled levels).
+    Args:
+        dim: number of input channels.
+        geometry: the key plan of the block (`FocalGeometry` or `NearestGeometry`): its window size
+            and number of pooled levels.
+        attention: makes the block's attention module (a `WindowAttentionBase`).
+        mlp_ratio: ratio of the MLP's hidden width to `dim`. Default 4.
+        drop: dropout rate of the MLP. Default 0.
+        drop_path: stochastic depth rate. Default 0.
+        act_layer: activation layer of the MLP. Default nn.GELU.
+        norm_layer: normalization layer. Default nn.LayerNorm.
+        pool_method: how level k pools sub-windows of side ws // 2^k into one token: 'fc' (a learned
+            weight per position), 'conv' (depthwise), 'mean', 'max' or 'none' (no pooled levels).
+            Default 'none'.
+        use_layerscale: layer scale (a learned per-channel factor on both residual branches), for
+            training stability. Default False.
+        layerscale_value: initial value of the layer scale. Default 1e-4.
     """
 
     def __init__(self, dim: int, geometry, attention: Callable[[], WindowAttentionBase], mlp_ratio: float = 4.,
@@ -325,6 +355,31 @@ class FocalTransformerBlock(FocalBlockBase):
     `input_resolution` only decides, as in the official model, whether the map is no larger than
     the window; then the window shrinks to the map and neither expansion nor shift is used. The
     block itself runs on any map size, padding it to window multiples.
+
+    Args:
+        dim: number of input channels.
+        input_resolution: (height, width) of the map at the size the model is built for.
+        num_heads: number of attention heads; must divide `dim`.
+        window_size: side of the query windows. Default 7.
+        expand_size: width of the ring of fine surroundings each window attends to (the first focal
+            level); 0: none. Default 0.
+        shift_size: Swin's cyclic shift of the windows, in tokens; 0: none. Default 0.
+        mlp_ratio: ratio of the MLP's hidden width to `dim`. Default 4.
+        qkv_bias: add a learnable bias to query, key and value. Default True.
+        qk_scale: overrides the default query-key scale head_dim ** -0.5 if set. Default None.
+        drop: dropout rate (MLP and attention output). Default 0.
+        attn_drop: attention dropout rate. Default 0.
+        drop_path: stochastic depth rate. Default 0.
+        act_layer: activation layer of the MLP. Default nn.GELU.
+        norm_layer: normalization layer. Default nn.LayerNorm.
+        pool_method: window pooling method: 'none', 'fc', 'conv', 'mean' or 'max'. Default 'none'.
+        focal_level: number of focal levels: 1 attends to the fine surroundings, each further level
+            adds a pooled level (focal_level - 1 of them, none with pool_method 'none'). Default 1.
+        focal_window: region size of focal attention: the side of the neighbourhood of pooled
+            sub-windows at the first pooled level (focal_window + 2^k - 1 at level k). Default 1.
+        use_layerscale: layer scale, for training stability. Default False.
+        layerscale_value: initial value of the layer scale. Default 1e-4.
+        attn_backend: 'auto', 'sdpa' or 'fused' (see `focal_attention`). Default 'auto'.
     """
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
@@ -429,16 +484,63 @@ class FocalTransformer(nn.Module):
 
     The model accepts any input size: `img_size` only fixes the parameter shapes (where a stage map
     is no larger than the window); maps are padded to window multiples at run time.
-    attn_backend: how focal attention runs: 'auto' (SDPA, except on GPU architectures where the fused
-    kernel was verified correct and faster), 'sdpa' or 'fused' (the Triton kernel wherever it can
-    run; see `models.focal_attention.backends`); `set_attn_backend` switches it later.
-    block_layer: the block class of every stage, called with `FocalTransformerBlock`'s arguments
-    (`FocalFastTransformer` passes Focal-fast's block).
 
     The methods follow timm's conventions (as its Swin port): `forward_features` gives the normed final
     map, (B, H, W, C); `forward_head` pools it by `global_pool` (one of GLOBAL_POOLS; 'avg', the
     official model's pooling, by default) and classifies, or with `pre_logits=True` gives the pooled
     (B, head_hidden_size) features, what the official `forward_features` returns.
+
+    Args:
+        img_size: input image size, int or (height, width); fixes the absolute position embedding
+            and which stages are no larger than a window. Default 224.
+        patch_size: side of the patches the stem embeds (the stem's stride). Default 4.
+        in_chans: number of input image channels. Default 3.
+        num_classes: number of classes of the classification head; 0: no head. Default 1000.
+        embed_dim: patch embedding dimension, the first stage's width (doubled at every stage). Default 96.
+        depths: number of blocks of each stage. Default (2, 2, 6, 2).
+        num_heads: number of attention heads of each stage. Default (3, 6, 12, 24).
+        window_size: side of the query windows; a stage whose map (at `img_size`) is no larger uses
+            the map as its window, without surroundings or shift. Default 7.
+        mlp_ratio: ratio of the MLP's hidden width to the embedding width. Default 4.
+        qkv_bias: add a learnable bias to query, key and value. Default True.
+        qk_scale: overrides the default query-key scale head_dim ** -0.5 if set. Default None.
+        drop_rate: dropout rate (after the embedding, in the MLPs, after the attention projection). Default 0.
+        attn_drop_rate: attention dropout rate, on the attention weights (the fused kernel has none:
+            SDPA runs while it is active). Default 0.
+        drop_path_rate: stochastic depth rate, reached by the last block (linear from 0). Default 0.1.
+        norm_layer: normalization layer (after the patch embedding, in every block, at the end).
+            Default nn.LayerNorm.
+        ape: add an absolute position embedding to the patch embedding. Default False.
+        patch_norm: add normalization after the patch embedding. Default True.
+        use_checkpoint: gradient checkpointing of every block, to save memory. Default False.
+        use_shift: Swin Transformer's window shift, by half a window in every other block (the
+            paper observes it makes no difference to Focal Transformer). Default False.
+        focal_stages: the stages that perform focal attention (have pooled levels). Default (0, 1, 2, 3).
+        focal_levels: focal levels of each stage, the finest-grained one (the window's own tokens)
+            excluded: level 1 is the window's fine surroundings, each further level one pooled level.
+            Default (1, 1, 1, 1).
+        focal_windows: focal window size of each stage, the side of the neighbourhood of pooled
+            sub-windows a window attends to at the first pooled level. Default (7, 5, 3, 1).
+        focal_pool: how sub-windows are pooled: 'fc' (a learned weight per position), 'conv'
+            (depthwise), 'mean', 'max' or 'none' (no pooled levels). Default 'fc'.
+        expand_stages: the stages whose windows attend to their fine surroundings. Default (0, 1, 2, 3).
+        expand_sizes: width of the ring of fine surroundings of each stage's windows. Default (3, 3, 3, 3).
+        expand_layer: which blocks of a stage have fine surroundings: 'all', or 'even' / 'odd',
+            which leave the even / odd blocks without (less compute and memory). Default 'all'.
+        use_conv_embed: overlapping convolutional patch embedding (7x7 stride 4 stem, 3x3 stride 2
+            between stages), which usually improves performance. Default False.
+        use_layerscale: layer scale, as proposed in CaiT. Default False.
+        layerscale_value: initial value of the layer scale. Default 1e-4.
+        use_pre_norm: normalize (GroupNorm) the input of the patch embeddings between stages, to
+            control the feature magnitude. Default False.
+        attn_backend: how focal attention runs: 'auto' (SDPA, except on GPU architectures where the
+            fused kernel was verified correct and faster), 'sdpa' or 'fused' (the Triton kernel
+            wherever it can run; see `models.focal_attention.backends`); `set_attn_backend` switches
+            it later. Default 'auto'.
+        global_pool: timm's pooling of the final map before the head, one of GLOBAL_POOLS ('' for
+            none). Default 'avg', the official model's.
+        block_layer: the block class of every stage, called with `FocalTransformerBlock`'s arguments
+            (`FocalFastTransformer` passes Focal-fast's block). Default `FocalTransformerBlock`.
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4, in_chans: int = 3,
