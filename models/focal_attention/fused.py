@@ -170,8 +170,17 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def dot_settings(dtype: torch.dtype, cuda: bool, tf32_allowed: bool) -> dict:
+    """The kernels' dot constexprs, the part of the launch configuration that depends on the device:
+    on CUDA TF32 products for 16-bit inputs and for fp32 where PyTorch allows TF32 matmuls
+    (`tf32_allowed`; its default is not); on the CPU exact fp32 products, of upcast 16-bit inputs
+    (the interpreter's 16-bit dot is wrong). The kernel compile tooling reads the CUDA settings here."""
+    return dict(PRECISION='tf32' if cuda and (dtype != torch.float32 or tf32_allowed) else 'ieee',
+                UPCAST=not cuda and dtype != torch.float32)
+
+
 def _launch_config(qkv: torch.Tensor, area: int, num_keys: int, num_heads: int) -> dict:
-    """Block sizes, warps and dot precision for one call (queries of a window form one block)."""
+    """Block sizes, warps and dot settings for one call (queries of a window form one block)."""
     head_dim = qkv.shape[-1] // 3 // num_heads
     block_m = max(16, _next_power_of_2(area))
     if qkv.element_size() == 4:
@@ -184,10 +193,9 @@ def _launch_config(qkv: torch.Tensor, area: int, num_keys: int, num_heads: int) 
     else:
         block_n = 32
     block_n = min(block_n, max(16, _next_power_of_2(num_keys)))
-    upcast = not qkv.is_cuda and qkv.dtype != torch.float32  # the interpreter's 16-bit dot is wrong
-    tf32 = qkv.is_cuda and (qkv.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32)
     return dict(CHANNELS=qkv.shape[-1] // 3, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-                BLOCK_D=max(16, _next_power_of_2(head_dim)), PRECISION='tf32' if tf32 else 'ieee', UPCAST=upcast,
+                BLOCK_D=max(16, _next_power_of_2(head_dim)),
+                **dot_settings(qkv.dtype, qkv.is_cuda, torch.backends.cuda.matmul.allow_tf32),
                 num_warps=4 if block_m <= 64 else 8)
 
 
