@@ -18,6 +18,7 @@ from timm.data import create_transform
 from yacs.config import CfgNode as CN
 
 from models.build import check_model_arguments, in_config_terms
+from data import mixup_active
 from models.focal_attention import ATTN_BACKENDS
 from utils import UserError
 
@@ -564,19 +565,9 @@ def defaults_note(config: CN, cfg_file: str) -> Tuple[int, str]:
                              f"config you meant?")
 
 
-def mixup_active(config: CN) -> bool:
-    aug = config.AUG
-    return aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None
-
-
 def accumulation_steps(config: CN) -> int:
     """Micro-batches per optimizer step (the official 0 means 1)."""
     return max(1, config.TRAIN.ACCUMULATION_STEPS)
-
-
-def run_folder(config: CN) -> str:
-    """Where a run's checkpoints, logs and metrics go: OUTPUT/MODEL.NAME/TAG."""
-    return os.path.join(config.OUTPUT or 'output', config.MODEL.NAME, config.TAG)
 
 
 def update_config(config: CN, args: argparse.Namespace) -> None:
