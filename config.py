@@ -3,6 +3,10 @@
 
 `get_config(args)` returns a frozen CfgNode. YAML files written for the official repository load
 unchanged; an unknown key or a bad value raises `ConfigError` naming the key.
+
+Validation asks the model package for its attention backends and constructor checks; `models` is
+imported there, when a config is validated, not with this module, because importing it defines the
+Triton kernels (which read TRITON_INTERPRET then): `import config` loads no model code.
 """
 import argparse
 import ast
@@ -10,15 +14,14 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import timm
 import yaml
 from timm.data import create_transform
 from yacs.config import CfgNode as CN
 
-from models.build import check_model_arguments, in_config_terms
-from models.focal_attention import ATTN_BACKENDS
+from data import mixup_active
 from utils import UserError
 
 _C = CN()
@@ -212,18 +215,22 @@ _C.THROUGHPUT_MODE = False
 _C.DEBUG_MODE = False
 _C.LOCAL_RANK = 0
 
-_CHOICES = {
-    'MODEL.TYPE': ('focal', 'focalv2', 'timm'),
-    'MODEL.FOCAL.ATTN_BACKEND': ATTN_BACKENDS,
-    'DATA.CACHE_MODE': ('no', 'full', 'part'),
-    'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic'),
-    'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step'),
-    'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'),
-    'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
-    'AUG.REMODE': ('const', 'rand', 'pixel'),
-    'AMP_OPT_LEVEL': ('', 'O0', 'O1', 'O2'),
-    'AMP_DTYPE': ('auto', 'bf16', 'fp16', 'none'),
-}
+
+def _choices() -> Dict[str, Sequence[str]]:
+    """The keys that take one of a few values, and those values."""
+    from models.focal_attention import ATTN_BACKENDS  # when validating (see the module docstring)
+    return {
+        'MODEL.TYPE': ('focal', 'focalv2', 'timm'),
+        'MODEL.FOCAL.ATTN_BACKEND': ATTN_BACKENDS,
+        'DATA.CACHE_MODE': ('no', 'full', 'part'),
+        'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic'),
+        'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step'),
+        'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'),
+        'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
+        'AUG.REMODE': ('const', 'rand', 'pixel'),
+        'AMP_OPT_LEVEL': ('', 'O0', 'O1', 'O2'),
+        'AMP_DTYPE': ('auto', 'bf16', 'fp16', 'none'),
+    }
 
 
 @dataclass(frozen=True)
@@ -496,7 +503,7 @@ def _yacs_message(error: Exception) -> str:
 def validate_config(config: CN) -> None:
     """Reject values the code would otherwise misread or fail on deep inside a run: the config's
     own rules here, the model's through its constructor."""
-    for key, choices in _CHOICES.items():
+    for key, choices in _choices().items():
         value = _lookup(config, key)
         if value not in choices:
             raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
@@ -535,6 +542,7 @@ def validate_config(config: CN) -> None:
 def _validate_model_arguments(config: CN) -> None:
     """The model constructor's own argument checks (run without building weights, see
     `models.build.check_model_arguments`), their ValueError reworded with the config keys."""
+    from models.build import check_model_arguments, in_config_terms  # when validating (see the module docstring)
     try:
         check_model_arguments(config)
     except ValueError as error:
@@ -564,19 +572,9 @@ def defaults_note(config: CN, cfg_file: str) -> Tuple[int, str]:
                              f"config you meant?")
 
 
-def mixup_active(config: CN) -> bool:
-    aug = config.AUG
-    return aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None
-
-
 def accumulation_steps(config: CN) -> int:
     """Micro-batches per optimizer step (the official 0 means 1)."""
     return max(1, config.TRAIN.ACCUMULATION_STEPS)
-
-
-def run_folder(config: CN) -> str:
-    """Where a run's checkpoints, logs and metrics go: OUTPUT/MODEL.NAME/TAG."""
-    return os.path.join(config.OUTPUT or 'output', config.MODEL.NAME, config.TAG)
 
 
 def update_config(config: CN, args: argparse.Namespace) -> None:

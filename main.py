@@ -31,8 +31,7 @@ from yacs.config import CfgNode as CN
 
 from checkpoint import (BEST_CHECKPOINT, TrainingParts, epoch_checkpoint_name, load_for_evaluation,
                         load_pretrained, non_finite_tensors, read_checkpoint, training_state)
-from config import (ConfigError, accumulation_steps, config_record, config_to_dict, defaults_note,
-                    get_config, run_folder)
+from config import ConfigError, accumulation_steps, config_record, config_to_dict, defaults_note, get_config
 from data import Loaders, build_loader, loader_worker_deaths_reported, prepare_demo_data
 from distributed import (DistContext, barrier, broadcast_buffers, check_processes_agree,
                          init_distributed, leave_process_group, stop_watching, writing_files)
@@ -43,7 +42,7 @@ from models import build_model
 from optimizer import build_optimizer
 from resume import Progress, flatten, resume_training
 from run_outputs import RunOutputs
-from utils import UserError, code_version, seed_everything
+from utils import UserError, code_version, run_folder, seed_everything
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 

@@ -1,4 +1,5 @@
-"""Small helpers shared by the training code: the user-error type, seeding and the code version."""
+"""Small helpers shared by the training code: the user-error type, seeding, the code version and
+the run folder."""
 import hashlib
 import os
 import random
@@ -40,3 +41,8 @@ def code_version() -> Optional[str]:
     if not commit:
         return None
     return commit.strip() + (f'+{hashlib.sha256(changes.encode()).hexdigest()[:12]}' if changes else '')
+
+
+def run_folder(config) -> str:
+    """Where a run's checkpoints, logs and metrics go: OUTPUT/MODEL.NAME/TAG of a config."""
+    return os.path.join(config.OUTPUT or 'output', config.MODEL.NAME, config.TAG)

@@ -8,8 +8,6 @@ import torch
 from timm.data import Mixup
 from yacs.config import CfgNode as CN
 
-from config import mixup_active
-
 from .demo import demo_dataset_dir, write_demo_dataset
 from .images import (DataError, ImageDataset, collate_eval, collate_train, folder_samples,
                      zip_samples)
@@ -110,6 +108,12 @@ def shard_indices(num_samples: int, rank: int, world_size: int, equal_length: bo
 def data_path_of(config: CN) -> str:
     """`DATA.DATA_PATH`, or the demo dataset's folder when it is empty."""
     return config.DATA.DATA_PATH or demo_data_path(config)
+
+
+def mixup_active(config: CN) -> bool:
+    """Whether the config's AUG keys ask for mixup or cutmix (`build_loader` then gives a Mixup)."""
+    aug = config.AUG
+    return aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None
 
 
 def build_loader(config: CN, rank: int = 0, world_size: int = 1, with_train: bool = True,

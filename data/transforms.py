@@ -19,7 +19,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from yacs.config import CfgNode as CN
 
-from config import run_folder
+from utils import run_folder
 
 
 def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:

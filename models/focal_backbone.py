@@ -10,13 +10,13 @@ detector gets anyway from a batch padded to 32.
 
 Weights come from an ImageNet classification checkpoint (ours or released) or a detector's
 checkpoint (keys `backbone.*`, as mmdetection saves them) through `load_checkpoint`, which hands
-the body's part to `checkpoint_filter_fn` and initialises or loads the stage norms.
+the body's part to `checkpoint_filter_fn` and initialises or loads the stage norms. It takes the
+checkpoint's dict: files are read by the caller (`checkpoint.read_checkpoint`, as main.py reads them).
 """
 import logging
-import os
 import re
 from collections import OrderedDict
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,7 @@ BACKBONE_VARIANTS = {
     'focalv2_base': dict(BASE, **FAST_ARGS, model_class=FocalFastTransformer),
 }
 STAGE_NORM = re.compile(r'^norm(\d+)\.')
-Checkpoint = Union[str, os.PathLike, Dict[str, torch.Tensor]]
+Checkpoint = Dict[str, Any]  # a state dict, or a checkpoint dict that holds one
 
 
 class FocalBackbone(nn.Module):
@@ -142,14 +142,13 @@ class FocalBackbone(nn.Module):
         return features
 
     def load_checkpoint(self, checkpoint: Checkpoint) -> None:
-        """Load a classification checkpoint (ours or released; `model`/`state_dict` wrappers and
+        """Load a classification checkpoint's dict (ours or released; `model`/`state_dict` wrappers and
         `module.` prefixes allowed) or a detector checkpoint whose backbone keys start with
         `backbone.`. The body's weights go through `checkpoint_filter_fn` and, for another `in_chans`,
         timm's stem adaptation, as timm loads them, and load strictly; the stage norms load from
         `norm{i}` keys when present, else are initialised (weight 1, bias 0). Every adaptation is
-        logged; a checkpoint of another architecture raises ValueError, a missing or unreadable file
-        `checkpoint.CheckpointError`."""
-        state_dict = _read_state_dict(checkpoint)
+        logged; a checkpoint of another architecture raises ValueError."""
+        state_dict = _backbone_state_dict(checkpoint)
         stage_norms, body = {}, {}
         for name, value in state_dict.items():
             (stage_norms if STAGE_NORM.match(name) else body)[name] = value
@@ -198,14 +197,9 @@ def focal_backbone(variant: str = 'focal_tiny', **kwargs) -> FocalBackbone:
     return FocalBackbone(**dict(BACKBONE_VARIANTS[variant], **kwargs))
 
 
-def _read_state_dict(checkpoint: Checkpoint) -> Dict[str, torch.Tensor]:
-    """The flat state dict of a checkpoint file or dict: unwrapped from 'model' / 'state_dict',
-    `module.` prefixes removed, and, for a detector checkpoint, only the `backbone.` keys, unprefixed.
-    A file is read by `checkpoint.read_checkpoint`: a missing or unreadable one is a one-line
-    `CheckpointError`."""
-    if not isinstance(checkpoint, dict):
-        from checkpoint import read_checkpoint  # imported here: checkpoint imports the models package
-        checkpoint = read_checkpoint(os.fspath(checkpoint))
+def _backbone_state_dict(checkpoint: Checkpoint) -> Dict[str, torch.Tensor]:
+    """The flat state dict of a checkpoint dict: unwrapped from 'model' / 'state_dict', `module.`
+    prefixes removed, and, for a detector checkpoint, only the `backbone.` keys, unprefixed."""
     state_dict = unwrap_state_dict(checkpoint)
     backbone = {k[len('backbone.'):]: v for k, v in state_dict.items() if k.startswith('backbone.')}
     if backbone:

@@ -45,8 +45,9 @@ newest_checkpoint() {
     "$PYTHON" -c '
 import sys
 from checkpoint import latest_checkpoint
-from config import get_config, run_folder
+from config import get_config
 from main import parse_args
+from utils import run_folder
 print(latest_checkpoint(run_folder(get_config(parse_args(sys.argv[1:])))) or "")' "$@"
 }
 

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,7 @@ from torchvision.models.detection import MaskRCNN, RetinaNet
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from checkpoint import read_checkpoint  # noqa: E402
 from models.focal_backbone import BACKBONE_VARIANTS  # noqa: E402
 from models.focal_fpn import focal_fpn_backbone  # noqa: E402
 
@@ -52,9 +53,10 @@ def make_batch(batch_size: int, height: int, width: int, num_classes: int, seed:
 
 
 def build_detectors(num_classes: int, height: int, width: int, variant: str = 'focal_tiny',
-                    checkpoint: str = None, **backbone_kwargs) -> Dict[str, nn.Module]:
+                    checkpoint: Optional[dict] = None, **backbone_kwargs) -> Dict[str, nn.Module]:
     """RetinaNet (P3-P7 from stages 1-3) and Mask R-CNN (P2-P6 from stages 0-3) on Focal + FPN, with
-    the input transform set to keep (height, width) images at their size."""
+    the input transform set to keep (height, width) images at their size; backbone weights from the
+    dict of a checkpoint file when given."""
     size = dict(min_size=min(height, width), max_size=max(height, width))
     retina_fpn = focal_fpn_backbone(variant, checkpoint, out_indices=(1, 2, 3), extra='p6p7', **backbone_kwargs)
     mask_fpn = focal_fpn_backbone(variant, checkpoint, out_indices=(0, 1, 2, 3), extra='maxpool', **backbone_kwargs)
@@ -96,7 +98,8 @@ def main() -> None:
 
     height, width = args.size
     images, targets = make_batch(args.batch_size, height, width, args.num_classes, args.seed)
-    detectors = build_detectors(args.num_classes, height, width, args.variant, args.checkpoint,
+    checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint else None
+    detectors = build_detectors(args.num_classes, height, width, args.variant, checkpoint,
                                 frozen_stages=args.frozen_stages, use_checkpoint=args.grad_checkpointing)
     for name, model in detectors.items():
         start = time.perf_counter()

@@ -29,9 +29,12 @@ enforced.
 import os
 import sys
 
-if '--dry-run' in sys.argv:  # before the kernels are defined (at `import models`)
-    os.environ.setdefault('TRITON_INTERPRET', '1')
 os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # deterministic cuBLAS for the correctness part
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from triton_interpreter import use_interpreter_without_cuda  # noqa: E402
+
+use_interpreter_without_cuda(dry_run='--dry-run' in sys.argv)  # before the kernels are defined (at `import models`)
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -47,9 +50,6 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Callable, Dict, List, Optional, Tuple  # noqa: E402
 
 import torch  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import timm  # noqa: E402
 
 import benchmark  # noqa: E402  (scripts/benchmark.py: steps, timing, which attention ran)

@@ -7,10 +7,10 @@ registers, spilled bytes, shared memory, tensor-core (HMMA/HGMMA) and total SASS
     python scripts/kernel_report.py --model backbone:focal_tiny@800x1333 --json kernels.json
     python scripts/kernel_report.py --model all --dtype all            # what tests/test_kernel_compile.py compiles
 
-A model is a name of models/focal_attention/aot.py's CASES, a timm model name, a YAML config or
+A model is a name of scripts/kernel_aot.py's CASES, a timm model name, a YAML config or
 `backbone:VARIANT`, with `@HxW` for the input size. Launches are recorded from one forward and
 backward at --batch on the CPU and compiled with the installed Triton as its JIT would compile them
-on that GPU (see aot.py). Each row is one distinct kernel; `used by` names the runs that launch it.
+on that GPU (see kernel_aot.py). Each row is one distinct kernel; `used by` names the runs that launch it.
 
 Read it as: a kernel that does not compile here does not compile on that GPU (exit status 1);
 `spill` bytes are local-memory stores/loads the register allocator added (in the hot loop they cost
@@ -26,12 +26,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.focal_attention import aot  # noqa: E402
+import kernel_aot  # noqa: E402  (scripts/kernel_aot.py)
 
-DTYPE_NAMES = {'fp32': 'float32', 'fp16': 'float16', 'bf16': 'bfloat16', **{d: d for d in aot.DTYPES}}
+DTYPE_NAMES = {'fp32': 'float32', 'fp16': 'float16', 'bf16': 'bfloat16', **{d: d for d in kernel_aot.DTYPES}}
 
 
-def table(summary: aot.Summary) -> str:
+def table(summary: kernel_aot.Summary) -> str:
     rows = ['| kernel | sm | constexprs | warps | stages | regs | spill st/ld B | stack B | smem B | HMMA | HGMMA '
             '| SASS | compile CPU s | used by |',
             '| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |']
@@ -51,7 +51,7 @@ def table(summary: aot.Summary) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', nargs='+', default=['focal_tiny'],
-                        help=f'cases ({", ".join(aot.CASES)}), timm names, configs, backbone:VARIANT[@HxW]; '
+                        help=f'cases ({", ".join(kernel_aot.CASES)}), timm names, configs, backbone:VARIANT[@HxW]; '
                         'all: every case')
     parser.add_argument('--dtype', nargs='+', default=['bf16'], help='fp32 fp16 bf16, or all')
     parser.add_argument('--arch', nargs='+', type=int, default=[80, 90], help='compute capabilities, e.g. 75 80 90')
@@ -64,15 +64,16 @@ def main() -> None:
     parser.add_argument('--processes', type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument('--json', help='also write every result (stats, hints, timings) to this file')
     args = parser.parse_args()
-    cases = list(aot.CASES) if args.model == ['all'] else args.model
-    dtypes = list(aot.DTYPES) if args.dtype == ['all'] else args.dtype
+    cases = list(kernel_aot.CASES) if args.model == ['all'] else args.model
+    dtypes = list(kernel_aot.DTYPES) if args.dtype == ['all'] else args.dtype
     unknown = [d for d in dtypes if d not in DTYPE_NAMES]
     if unknown:
         sys.exit(f'error: --dtype {" ".join(unknown)}: choose from fp32 fp16 bf16 (or all)')
     try:
-        summary = aot.compile_cases(cases, [DTYPE_NAMES[d] for d in dtypes], args.arch, stats=True, batch=args.batch,
-                                    tf32=args.tf32, exact=not args.configurations, processes=args.processes)
-    except aot.CaseError as error:
+        summary = kernel_aot.compile_cases(cases, [DTYPE_NAMES[d] for d in dtypes], args.arch, stats=True,
+                                           batch=args.batch, tf32=args.tf32, exact=not args.configurations,
+                                           processes=args.processes)
+    except kernel_aot.CaseError as error:
         sys.exit(f'error: {error}')
     print(table(summary))
     print(f'\n{summary.timing()}; {args.processes} processes')
@@ -80,7 +81,7 @@ def main() -> None:
         with open(args.json, 'w') as f:
             json.dump(dict(dataclasses.asdict(summary), compiled=[dict(dataclasses.asdict(c), launch=repr(c.launch))
                                                                   for c in summary.compiled]), f, indent=1)
-    failures = aot.failure_report(summary.triton_version, summary.compiled)
+    failures = kernel_aot.failure_report(summary.triton_version, summary.compiled)
     if failures:
         print(f'\n{failures}', file=sys.stderr)
         sys.exit(1)

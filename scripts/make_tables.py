@@ -21,10 +21,11 @@ from typing import List, Optional, Sequence, Tuple
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from config import load_config as load_config_file, run_folder  # noqa: E402
+from config import load_config as load_config_file  # noqa: E402
 from models import build_model  # noqa: E402
 from models.complexity import count_gflops, count_params_m  # noqa: E402
 from run_outputs import read_metrics  # noqa: E402
+from utils import run_folder  # noqa: E402
 
 
 @dataclass(frozen=True)

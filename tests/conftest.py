@@ -13,10 +13,11 @@ from typing import Dict, Iterator, List, Optional
 import pytest
 import torch
 
-# Without a GPU, Triton kernels (the fused focal attention) run under Triton's CPU interpreter. The
-# variable must be set before the kernels are defined, i.e. before `models` is imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault('TRITON_INTERPRET', '1')
+from triton_interpreter import use_interpreter_without_cuda
+
+# Without a GPU, Triton kernels (the fused focal attention) run under Triton's CPU interpreter:
+# decided before the kernels are defined, i.e. before `models` is imported.
+use_interpreter_without_cuda()
 
 from config import get_defaults  # noqa: E402
 

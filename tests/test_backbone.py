@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import models  # noqa: F401  (registers the timm variants)
+from checkpoint import read_checkpoint
 from conftest import MICRO_FOCAL
 from models import FocalTransformer
 from models.focal_backbone import FocalBackbone, focal_backbone
@@ -155,7 +156,7 @@ def test_detector_checkpoint_with_backbone_prefix_loads_stage_norms(tmp_path, ca
     torch.save({'meta': {'epoch': 12}, 'state_dict': {**official_keys, 'neck.conv.weight': torch.zeros(1)}}, path)
     target = micro_backbone().eval()
     with caplog.at_level(logging.INFO):
-        target.load_checkpoint(str(path))
+        target.load_checkpoint(read_checkpoint(str(path)))
     assert 'ignoring 1 others' in caplog.text and 'checkpoint lacks norm' not in caplog.text
     x = torch.randn(1, 3, 96, 128)
     with torch.no_grad():

@@ -8,10 +8,11 @@ import pytest
 import config
 import main
 import models.build as models_build
-from config import (ConfigError, defaults_note, get_config, get_defaults, load_config, merge_overrides, run_folder,
+from config import (ConfigError, defaults_note, get_config, get_defaults, load_config, merge_overrides,
                     validate_config)
 from models.build import (FAST_ARGUMENT_KEYS, FOCAL_MODELS, TIMM_ARGUMENT_KEYS, focal_kwargs_from_config,
                           in_config_terms)
+from utils import run_folder
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

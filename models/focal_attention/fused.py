@@ -8,9 +8,10 @@ in fp32, fp16 and bf16, for windows of up to MAX_WINDOW_AREA tokens and heads of
 MAX_HEAD_DIM channels, without attention dropout; `unavailable_reason` says why not otherwise.
 """
 import functools
+import inspect
 import math
 import os
-from typing import Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
@@ -153,16 +154,58 @@ def probe_failure(device: torch.device, dtype: torch.dtype, layout: WindowLayout
     return None
 
 
+class FusedInputs(NamedTuple):
+    """The fused op's inputs, in the order of its schema, which torch.library infers from these
+    annotations (`_custom_op`): qkv (B, T, 3C), pooled_kv (B, P, 2C), position_bias (nh, ws^2, S)
+    fp32, the layout's key_index and key_mask (nW, S) and regions (nW, ws^2), and its key users (the
+    inverse maps, `KeyUsers`), which are inputs only so that backward finds them. The backward op
+    takes grad_out, these tensors, out and lse, then these scalars (`BackwardInputs`)."""
+    qkv: torch.Tensor
+    pooled_kv: Optional[torch.Tensor]
+    position_bias: torch.Tensor
+    key_index: torch.Tensor
+    key_mask: torch.Tensor
+    regions: Optional[torch.Tensor]
+    fine_offsets: torch.Tensor
+    fine_slots: torch.Tensor
+    pooled_offsets: torch.Tensor
+    pooled_slots: torch.Tensor
+    num_heads: int
+    zero_token: int
+    scale: float
+
+
+NUM_SCALARS = 3  # FusedInputs ends with num_heads, zero_token, scale
+_TENSOR_FIELDS = list(FusedInputs.__annotations__.items())[:-NUM_SCALARS]
+_SCALAR_FIELDS = list(FusedInputs.__annotations__.items())[-NUM_SCALARS:]
+BackwardInputs = NamedTuple('BackwardInputs', [('grad_out', torch.Tensor), *_TENSOR_FIELDS, ('out', torch.Tensor),
+                                               ('lse', torch.Tensor), *_SCALAR_FIELDS])
+
+
+def _custom_op(name: str, inputs: type, returns: object) -> Callable:
+    """Decorator: `fn(*values)` as the custom op `name` whose schema torch.library infers from the
+    fields of the NamedTuple class `inputs` (names and annotations, in order) and `returns`. The
+    dispatcher passes the values positionally."""
+    parameters = [inspect.Parameter(field, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation)
+                  for field, annotation in inputs.__annotations__.items()]
+
+    def define(fn: Callable) -> Callable:
+        fn.__signature__ = inspect.Signature(parameters, return_annotation=returns)
+        return torch.library.custom_op(name, fn, mutates_args=())
+    return define
+
+
 def fused_focal_attention(qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor], position_bias: torch.Tensor,
                           layout: WindowLayout, num_heads: int, scale: float) -> torch.Tensor:
     """See `focal_attention`."""
     fine_users, pooled_users = layout.fine_users, layout.pooled_users
     if pooled_kv is not None:
         pooled_kv = pooled_kv.to(qkv.dtype).contiguous()
-    out, _ = torch.ops.focal_attention.fused_forward(
-        qkv.contiguous(), pooled_kv, position_bias.float().contiguous(), layout.key_index, layout.key_mask,
-        layout.regions, fine_users.offsets, fine_users.slots, pooled_users.offsets, pooled_users.slots,
-        num_heads, layout.zero_token, scale)
+    out, _ = torch.ops.focal_attention.fused_forward(*FusedInputs(
+        qkv=qkv.contiguous(), pooled_kv=pooled_kv, position_bias=position_bias.float().contiguous(),
+        key_index=layout.key_index, key_mask=layout.key_mask, regions=layout.regions,
+        fine_offsets=fine_users.offsets, fine_slots=fine_users.slots, pooled_offsets=pooled_users.offsets,
+        pooled_slots=pooled_users.slots, num_heads=num_heads, zero_token=layout.zero_token, scale=scale))
     return out
 
 
@@ -170,8 +213,17 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def dot_settings(dtype: torch.dtype, cuda: bool, tf32_allowed: bool) -> dict:
+    """The kernels' dot constexprs, the part of the launch configuration that depends on the device:
+    on CUDA TF32 products for 16-bit inputs and for fp32 where PyTorch allows TF32 matmuls
+    (`tf32_allowed`; its default is not); on the CPU exact fp32 products, of upcast 16-bit inputs
+    (the interpreter's 16-bit dot is wrong). The kernel compile tooling reads the CUDA settings here."""
+    return dict(PRECISION='tf32' if cuda and (dtype != torch.float32 or tf32_allowed) else 'ieee',
+                UPCAST=not cuda and dtype != torch.float32)
+
+
 def _launch_config(qkv: torch.Tensor, area: int, num_keys: int, num_heads: int) -> dict:
-    """Block sizes, warps and dot precision for one call (queries of a window form one block)."""
+    """Block sizes, warps and dot settings for one call (queries of a window form one block)."""
     head_dim = qkv.shape[-1] // 3 // num_heads
     block_m = max(16, _next_power_of_2(area))
     if qkv.element_size() == 4:
@@ -184,10 +236,9 @@ def _launch_config(qkv: torch.Tensor, area: int, num_keys: int, num_heads: int) 
     else:
         block_n = 32
     block_n = min(block_n, max(16, _next_power_of_2(num_keys)))
-    upcast = not qkv.is_cuda and qkv.dtype != torch.float32  # the interpreter's 16-bit dot is wrong
-    tf32 = qkv.is_cuda and (qkv.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32)
     return dict(CHANNELS=qkv.shape[-1] // 3, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-                BLOCK_D=max(16, _next_power_of_2(head_dim)), PRECISION='tf32' if tf32 else 'ieee', UPCAST=upcast,
+                BLOCK_D=max(16, _next_power_of_2(head_dim)),
+                **dot_settings(qkv.dtype, qkv.is_cuda, torch.backends.cuda.matmul.allow_tf32),
                 num_warps=4 if block_m <= 64 else 8)
 
 
@@ -203,34 +254,32 @@ def _shape_args(qkv: torch.Tensor, key_index: torch.Tensor, num_heads: int) -> T
     return B, T, C, C // num_heads, num_windows, num_keys
 
 
-@torch.library.custom_op('focal_attention::fused_forward', mutates_args=())
-def fused_forward(qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor], position_bias: torch.Tensor,
-                  key_index: torch.Tensor, key_mask: torch.Tensor, regions: Optional[torch.Tensor],
-                  fine_offsets: torch.Tensor, fine_slots: torch.Tensor, pooled_offsets: torch.Tensor,
-                  pooled_slots: torch.Tensor, num_heads: int, zero_token: int, scale: float
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """qkv (B, T, 3C), pooled_kv (B, P, 2C), position_bias (nh, ws^2, S) fp32, key_index and
-    key_mask (nW, S), regions (nW, ws^2). Returns out (B, T, C) and the base-2 log-sum-exp of each query's scores
-    (B, T, nh) fp32, for backward. The key users (inverse maps) are inputs only so that backward finds them."""
-    B, T, C, head_dim, num_windows, num_keys = _shape_args(qkv, key_index, num_heads)
-    area = position_bias.shape[1]
-    out = qkv.new_empty(B, T, C)
-    lse = qkv.new_empty(B, T, num_heads, dtype=torch.float32)
+def _forward_outputs(inputs: FusedInputs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Empty out (B, T, C) and lse (B, T, nh) fp32."""
+    B, T, C = inputs.qkv.shape[0], inputs.qkv.shape[1], inputs.qkv.shape[2] // 3
+    return inputs.qkv.new_empty(B, T, C), inputs.qkv.new_empty(B, T, inputs.num_heads, dtype=torch.float32)
+
+
+@_custom_op('focal_attention::fused_forward', FusedInputs, Tuple[torch.Tensor, torch.Tensor])
+def fused_forward(*values) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`FusedInputs` -> out (B, T, C) and the base-2 log-sum-exp of each query's scores (B, T, nh)
+    fp32, for backward."""
+    inputs = FusedInputs(*values)
+    qkv, pooled_kv, regions = inputs.qkv, inputs.pooled_kv, inputs.regions
+    B, T, C, head_dim, num_windows, num_keys = _shape_args(qkv, inputs.key_index, inputs.num_heads)
+    area = inputs.position_bias.shape[1]
+    out, lse = _forward_outputs(inputs)
     pooled = pooled_kv if pooled_kv is not None else qkv
-    triton_kernels.focal_attention_forward_kernel[(B * num_windows, num_heads)](
-        qkv, pooled, position_bias * triton_kernels.LOG2E, key_index, key_mask,
-        regions if regions is not None else key_index, out, lse, num_windows, T, zero_token, scale,
-        AREA=area, NUM_KEYS=num_keys, HAS_POOLED=pooled_kv is not None,
+    triton_kernels.focal_attention_forward_kernel[(B * num_windows, inputs.num_heads)](
+        qkv, pooled, inputs.position_bias * triton_kernels.LOG2E, inputs.key_index, inputs.key_mask,
+        regions if regions is not None else inputs.key_index, out, lse, num_windows, T, inputs.zero_token,
+        inputs.scale, AREA=area, NUM_KEYS=num_keys, HAS_POOLED=pooled_kv is not None,
         HAS_REGIONS=regions is not None, ALIGNED=_rows_aligned(qkv, pooled, head_dim),
-        **_launch_config(qkv, area, num_keys, num_heads))
+        **_launch_config(qkv, area, num_keys, inputs.num_heads))
     return out, lse
 
 
-@fused_forward.register_fake
-def _(qkv, pooled_kv, position_bias, key_index, key_mask, regions, fine_offsets, fine_slots, pooled_offsets,
-      pooled_slots, num_heads, zero_token, scale):
-    B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-    return qkv.new_empty(B, T, C), qkv.new_empty(B, T, num_heads, dtype=torch.float32)
+fused_forward.register_fake(lambda *values: _forward_outputs(FusedInputs(*values)))
 
 
 def _windows_per_program(qkv: torch.Tensor, total_windows: int, num_heads: int) -> int:
@@ -248,17 +297,15 @@ def _windows_per_program(qkv: torch.Tensor, total_windows: int, num_heads: int) 
     return windows
 
 
-@torch.library.custom_op('focal_attention::fused_backward', mutates_args=())
-def fused_backward(grad_out: torch.Tensor, qkv: torch.Tensor, pooled_kv: Optional[torch.Tensor],
-                   position_bias: torch.Tensor, key_index: torch.Tensor, key_mask: torch.Tensor,
-                   regions: Optional[torch.Tensor], fine_offsets: torch.Tensor, fine_slots: torch.Tensor,
-                   pooled_offsets: torch.Tensor, pooled_slots: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                   num_heads: int, zero_token: int, scale: float
-                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of qkv (B, T, 3C), pooled_kv (B, P, 2C; empty without pooled tokens) and
-    position_bias (nh, ws^2, S) fp32."""
+@_custom_op('focal_attention::fused_backward', BackwardInputs, Tuple[torch.Tensor, torch.Tensor, torch.Tensor])
+def fused_backward(*values) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`BackwardInputs` -> gradients of qkv (B, T, 3C), pooled_kv (B, P, 2C; empty without pooled
+    tokens) and position_bias (nh, ws^2, S) fp32."""
+    inputs = BackwardInputs(*values)
+    qkv, pooled_kv, regions, key_index, num_heads = (inputs.qkv, inputs.pooled_kv, inputs.regions, inputs.key_index,
+                                                     inputs.num_heads)
     B, T, C, head_dim, num_windows, num_keys = _shape_args(qkv, key_index, num_heads)
-    area = position_bias.shape[1]
+    area = inputs.position_bias.shape[1]
     # Not software-pipelined: two stages spill registers on sm_80, and Triton 3.0 and 3.2 fail to
     # pipeline this loop (docs/benchmarks.md); two programs per multiprocessor overlap their loads.
     config = dict(_launch_config(qkv, area, num_keys, num_heads), num_stages=1)
@@ -273,9 +320,9 @@ def fused_backward(grad_out: torch.Tensor, qkv: torch.Tensor, pooled_kv: Optiona
     grad_bias = qkv.new_empty(programs, num_heads, area, num_keys, dtype=torch.float32)
     pooled = pooled_kv if pooled_kv is not None else qkv
     triton_kernels.focal_attention_backward_kernel[(programs, num_heads)](
-        qkv, pooled, position_bias * triton_kernels.LOG2E, key_index, key_mask,
-        regions if regions is not None else key_index, out, grad_out, lse, delta, grad_qkv, grad_q_scratch,
-        grad_slots, grad_bias, num_windows, total_windows, T, zero_token, scale,
+        qkv, pooled, inputs.position_bias * triton_kernels.LOG2E, key_index, inputs.key_mask,
+        regions if regions is not None else key_index, inputs.out, inputs.grad_out, inputs.lse, delta, grad_qkv,
+        grad_q_scratch, grad_slots, grad_bias, num_windows, total_windows, T, inputs.zero_token, inputs.scale,
         AREA=area, NUM_KEYS=num_keys, HAS_POOLED=pooled_kv is not None,
         HAS_REGIONS=regions is not None, ALIGNED=_rows_aligned(qkv, pooled, head_dim),
         WINDOWS_PER_PROGRAM=windows_per_program, **config)
@@ -287,36 +334,32 @@ def fused_backward(grad_out: torch.Tensor, qkv: torch.Tensor, pooled_kv: Optiona
             grad_slots, offsets, slots, target, target.stride(0), target.stride(1), target.shape[1],
             num_windows * num_keys, 2 * C, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)
 
-    sum_slots(fine_offsets, fine_slots, grad_qkv[:, :, C:])
+    sum_slots(inputs.fine_offsets, inputs.fine_slots, grad_qkv[:, :, C:])
     grad_pooled = torch.empty_like(pooled_kv) if pooled_kv is not None else qkv.new_empty(0)
     if pooled_kv is not None and grad_pooled.shape[1]:
-        sum_slots(pooled_offsets, pooled_slots, grad_pooled)
+        sum_slots(inputs.pooled_offsets, inputs.pooled_slots, grad_pooled)
     return grad_qkv, grad_pooled, grad_bias.sum(0)
 
 
 @fused_backward.register_fake
-def _(grad_out, qkv, pooled_kv, position_bias, key_index, key_mask, regions, fine_offsets, fine_slots,
-      pooled_offsets, pooled_slots, out, lse, num_heads, zero_token, scale):
-    grad_pooled = torch.empty_like(pooled_kv) if pooled_kv is not None else qkv.new_empty(0)
-    return torch.empty_like(qkv), grad_pooled, torch.empty_like(position_bias, dtype=torch.float32)
+def _(*values):
+    inputs = BackwardInputs(*values)
+    grad_pooled = torch.empty_like(inputs.pooled_kv) if inputs.pooled_kv is not None else inputs.qkv.new_empty(0)
+    return torch.empty_like(inputs.qkv), grad_pooled, torch.empty_like(inputs.position_bias, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    (qkv, pooled_kv, position_bias, key_index, key_mask, regions, fine_offsets, fine_slots, pooled_offsets,
-     pooled_slots, num_heads, zero_token, scale) = inputs
-    out, lse = output
-    ctx.save_for_backward(qkv, pooled_kv, position_bias, key_index, key_mask, regions, fine_offsets, fine_slots,
-                          pooled_offsets, pooled_slots, out, lse)
-    ctx.scalars = (num_heads, zero_token, scale)
-    ctx.has_pooled = pooled_kv is not None
+    forward = FusedInputs(*inputs)
+    ctx.save_for_backward(*forward[:-NUM_SCALARS], *output)  # the backward op's tensors after grad_out, in order
+    ctx.scalars = forward[-NUM_SCALARS:]
+    ctx.qkv_dtype, ctx.has_pooled = forward.qkv.dtype, forward.pooled_kv is not None
 
 
 def _backward(ctx, grad_out, grad_lse):
-    qkv, pooled_kv, position_bias, key_index, key_mask, regions, fo, fs, po, ps, out, lse = ctx.saved_tensors
     grad_qkv, grad_pooled, grad_bias = torch.ops.focal_attention.fused_backward(
-        grad_out.to(qkv.dtype).contiguous(), qkv, pooled_kv, position_bias, key_index, key_mask, regions, fo, fs, po,
-        ps, out, lse, *ctx.scalars)
-    return (grad_qkv, grad_pooled if ctx.has_pooled else None, grad_bias) + (None,) * 10
+        grad_out.to(ctx.qkv_dtype).contiguous(), *ctx.saved_tensors, *ctx.scalars)
+    no_gradients = (None,) * (len(FusedInputs._fields) - 3)  # the key maps and the scalars
+    return (grad_qkv, grad_pooled if ctx.has_pooled else None, grad_bias) + no_gradients
 
 
 fused_forward.register_autograd(_backward, setup_context=_setup_context)

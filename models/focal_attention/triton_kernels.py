@@ -113,9 +113,11 @@ def _forward_block(m_i, l_i, acc, q_scaled, q_region, qkv_base, pooled_base, bia
     """One step of the online softmax over key slots [start, start + BLOCK_N)."""
     slots = start + tl.arange(0, BLOCK_N)
     s, k, v, present = _key_block_scores(
-        q_scaled, q_region, qkv_base, pooled_base, _load_bias(bias_base, rows, row_ok, slots, NUM_KEYS),
-        key_index_base, key_mask_base, regions_base, slots, dims, num_fine, zero_token, AREA, NUM_KEYS, CHANNELS,
-        HEAD_DIM, HAS_POOLED, ALIGNED, REGION_MASK, PRECISION, UPCAST)
+        q_scaled=q_scaled, q_region=q_region, qkv_base=qkv_base, pooled_base=pooled_base,
+        bias_tile=_load_bias(bias_base, rows, row_ok, slots, NUM_KEYS), key_index_base=key_index_base,
+        key_mask_base=key_mask_base, regions_base=regions_base, slots=slots, dims=dims, num_fine=num_fine,
+        zero_token=zero_token, AREA=AREA, NUM_KEYS=NUM_KEYS, CHANNELS=CHANNELS, HEAD_DIM=HEAD_DIM,
+        HAS_POOLED=HAS_POOLED, ALIGNED=ALIGNED, REGION_MASK=REGION_MASK, PRECISION=PRECISION, UPCAST=UPCAST)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -159,14 +161,20 @@ def focal_attention_forward_kernel(
     own_end: tl.constexpr = (AREA + BLOCK_N - 1) // BLOCK_N * BLOCK_N if HAS_REGIONS else 0
     for start in range(0, own_end, BLOCK_N):
         m_i, l_i, acc = _forward_block(
-            m_i, l_i, acc, q_scaled, q_region, qkv_base, pooled_base, bias_base, key_index_base, key_mask_base,
-            regions_base, start, rows, row_ok, dims, num_fine, zero_token, AREA, NUM_KEYS, CHANNELS, HEAD_DIM,
-            HAS_POOLED, ALIGNED, True, PRECISION, UPCAST, BLOCK_N)
+            m_i=m_i, l_i=l_i, acc=acc, q_scaled=q_scaled, q_region=q_region, qkv_base=qkv_base,
+            pooled_base=pooled_base, bias_base=bias_base, key_index_base=key_index_base, key_mask_base=key_mask_base,
+            regions_base=regions_base, start=start, rows=rows, row_ok=row_ok, dims=dims, num_fine=num_fine,
+            zero_token=zero_token, AREA=AREA, NUM_KEYS=NUM_KEYS, CHANNELS=CHANNELS, HEAD_DIM=HEAD_DIM,
+            HAS_POOLED=HAS_POOLED, ALIGNED=ALIGNED, REGION_MASK=True, PRECISION=PRECISION, UPCAST=UPCAST,
+            BLOCK_N=BLOCK_N)
     for start in range(own_end, NUM_KEYS, BLOCK_N):
         m_i, l_i, acc = _forward_block(
-            m_i, l_i, acc, q_scaled, q_region, qkv_base, pooled_base, bias_base, key_index_base, key_mask_base,
-            regions_base, start, rows, row_ok, dims, num_fine, zero_token, AREA, NUM_KEYS, CHANNELS, HEAD_DIM,
-            HAS_POOLED, ALIGNED, False, PRECISION, UPCAST, BLOCK_N)
+            m_i=m_i, l_i=l_i, acc=acc, q_scaled=q_scaled, q_region=q_region, qkv_base=qkv_base,
+            pooled_base=pooled_base, bias_base=bias_base, key_index_base=key_index_base, key_mask_base=key_mask_base,
+            regions_base=regions_base, start=start, rows=rows, row_ok=row_ok, dims=dims, num_fine=num_fine,
+            zero_token=zero_token, AREA=AREA, NUM_KEYS=NUM_KEYS, CHANNELS=CHANNELS, HEAD_DIM=HEAD_DIM,
+            HAS_POOLED=HAS_POOLED, ALIGNED=ALIGNED, REGION_MASK=False, PRECISION=PRECISION, UPCAST=UPCAST,
+            BLOCK_N=BLOCK_N)
 
     token_rows = batch * num_fine + tokens
     out = acc / l_i[:, None]
@@ -212,9 +220,11 @@ def _backward_window(grad_bias, batch, w, block, head, num_heads, qkv_ptr, poole
     lse = tl.load(lse_ptr + token_rows * num_heads + head, mask=row_ok, other=float('inf'))
 
     s, k, v, present = _key_block_scores(
-        q_scaled, q_region, qkv_base, pooled_base, _load_bias(bias_base, rows, row_ok, slots, NUM_KEYS),
-        key_index_base, key_mask_base, regions_base, slots, dims, num_fine, zero_token, AREA, NUM_KEYS, CHANNELS,
-        HEAD_DIM, HAS_POOLED, ALIGNED, HAS_REGIONS, PRECISION, UPCAST)
+        q_scaled=q_scaled, q_region=q_region, qkv_base=qkv_base, pooled_base=pooled_base,
+        bias_tile=_load_bias(bias_base, rows, row_ok, slots, NUM_KEYS), key_index_base=key_index_base,
+        key_mask_base=key_mask_base, regions_base=regions_base, slots=slots, dims=dims, num_fine=num_fine,
+        zero_token=zero_token, AREA=AREA, NUM_KEYS=NUM_KEYS, CHANNELS=CHANNELS, HEAD_DIM=HEAD_DIM,
+        HAS_POOLED=HAS_POOLED, ALIGNED=ALIGNED, REGION_MASK=HAS_REGIONS, PRECISION=PRECISION, UPCAST=UPCAST)
     p = tl.exp2(s - lse[:, None])
     grad_v = _dot(tl.trans(p.to(grad_out.dtype)), grad_out, tl.zeros([BLOCK_N, BLOCK_D], tl.float32), PRECISION,
                   UPCAST)
@@ -271,11 +281,16 @@ def focal_attention_backward_kernel(
             window = program * WINDOWS_PER_PROGRAM + offset
             if window < total_windows:
                 grad_bias = _backward_window(
-                    grad_bias, (window // num_windows).to(tl.int64), window % num_windows, block, head, num_heads,
-                    qkv_ptr, pooled_ptr, bias_base, key_index_ptr, key_mask_ptr, regions_ptr, out_ptr, grad_out_ptr,
-                    lse_ptr, delta_ptr, grad_qkv_ptr, grad_q_scratch_ptr, grad_slots_ptr, num_windows, num_fine,
-                    zero_token, scale, rows, row_ok, tl.arange(0, BLOCK_D), AREA, NUM_KEYS, CHANNELS, HEAD_DIM,
-                    HAS_POOLED, HAS_REGIONS, ALIGNED, PRECISION, UPCAST, BLOCK_N, BLOCK_D)
+                    grad_bias=grad_bias, batch=(window // num_windows).to(tl.int64), w=window % num_windows,
+                    block=block, head=head, num_heads=num_heads, qkv_ptr=qkv_ptr, pooled_ptr=pooled_ptr,
+                    bias_base=bias_base, key_index_ptr=key_index_ptr, key_mask_ptr=key_mask_ptr,
+                    regions_ptr=regions_ptr, out_ptr=out_ptr, grad_out_ptr=grad_out_ptr, lse_ptr=lse_ptr,
+                    delta_ptr=delta_ptr, grad_qkv_ptr=grad_qkv_ptr, grad_q_scratch_ptr=grad_q_scratch_ptr,
+                    grad_slots_ptr=grad_slots_ptr, num_windows=num_windows, num_fine=num_fine,
+                    zero_token=zero_token, scale=scale, rows=rows, row_ok=row_ok, dims=tl.arange(0, BLOCK_D),
+                    AREA=AREA, NUM_KEYS=NUM_KEYS, CHANNELS=CHANNELS, HEAD_DIM=HEAD_DIM, HAS_POOLED=HAS_POOLED,
+                    HAS_REGIONS=HAS_REGIONS, ALIGNED=ALIGNED, PRECISION=PRECISION, UPCAST=UPCAST, BLOCK_N=BLOCK_N,
+                    BLOCK_D=BLOCK_D)
         slots = block * BLOCK_N + tl.arange(0, BLOCK_N)
         partial = grad_bias_ptr + ((program * num_heads + head) * AREA + rows[:, None]) * NUM_KEYS + slots[None, :]
         tl.store(partial, grad_bias, mask=row_ok[:, None] & (slots < NUM_KEYS)[None, :])

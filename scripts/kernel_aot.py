@@ -2,9 +2,10 @@
 of them.
 
 Every kernel launch a model's forward and backward makes is recorded on the CPU, with recorders in
-place of the kernels of `triton_kernels` (whatever `triton.jit` kernels it holds, under whatever
-arguments), then compiled by the installed Triton for CUDA targets as its JIT would compile the same
-arguments on that GPU: the JIT's own specialisation runs (integers divisible by 16 and 16-byte
+place of the kernels of `models/focal_attention/triton_kernels.py` (whatever `triton.jit` kernels it
+holds, under whatever arguments), then compiled by the installed Triton for CUDA targets as its JIT
+would compile the same arguments on that GPU, with the dot settings fused picks there
+(`fused.dot_settings`): the JIT's own specialisation runs (integers divisible by 16 and 16-byte
 aligned pointers get the divisibility hint, integers equal to 1 become constants) up to the call
 `triton.compile(ASTSource(...), target=GPUTarget('cuda', arch, 32))`, which is then made for the
 target. Launches the JIT would compile to the same kernel are compiled once. `sass_stats` reads
@@ -16,6 +17,7 @@ in Triton's package.
 Nothing here needs a GPU. tests/test_kernel_compile.py and scripts/kernel_report.py use it. Capture
 and compilation run in spawned worker processes: their kernels are compiled `JITFunction`s (a test
 process under TRITON_INTERPRET=1 holds interpreter ones) and no patching leaks into the caller.
+Tooling, not model code: it patches Triton's internals and runs a process pool.
 """
 import contextlib
 import multiprocessing
@@ -32,9 +34,17 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+import timm
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import models
+from config import load_config
+from models.focal_attention import backends, fused, triton_kernels
+from models.focal_backbone import BACKBONE_VARIANTS, focal_backbone
+from triton_interpreter import interpreter
+from utils import UserError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The models the test compiles: Focal-T/S/B, one window-14 and one shifted ablation, one detection-size
 # backbone input. A case is a timm model name, a config file, or `backbone:VARIANT`, with `@HxW` for
@@ -49,14 +59,6 @@ CASES = {
 }
 DTYPES = ('float32', 'float16', 'bfloat16')
 SHORT_DTYPE = {'float32': 'fp32', 'float16': 'fp16', 'bfloat16': 'bf16'}
-
-# What fused's launch configuration picks differently on CUDA than on the CPU, where the launches
-# are recorded, as a function of (dtype, whether PyTorch allows TF32 matmuls): no exact-upcast
-# workaround for the interpreter, TF32 dots for 16-bit inputs and for fp32 only where allowed
-# (PyTorch's default is not). This mirrors `fused._launch_config`; a constexpr named here that no
-# launch passes is an error (`capture`).
-CUDA_SETTINGS = {'UPCAST': lambda dtype, tf32: False,
-                 'PRECISION': lambda dtype, tf32: 'tf32' if dtype != 'float32' or tf32 else 'ieee'}
 # Shared memory one program may use (the opt-in limit per block), by compute capability: Triton
 # refuses to load a kernel that asks for more (OutOfResources), so it is a compile failure here.
 MAX_SHARED_BYTES = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448,
@@ -142,14 +144,12 @@ class Summary:
 def _kernels() -> Dict[str, object]:
     """Every kernel object `triton_kernels` defines (its `triton.jit` functions), by name."""
     from triton.runtime import KernelInterface
-
-    from . import triton_kernels
     return {name: obj for name, obj in vars(triton_kernels).items() if isinstance(obj, KernelInterface)}
 
 
 def _package_modules() -> list:
-    """The loaded modules of this package (models.focal_attention)."""
-    package = __name__.rpartition('.')[0]
+    """The loaded modules of the package that launches the kernels (models.focal_attention)."""
+    package = triton_kernels.__name__.rpartition('.')[0]
     return [m for n, m in list(sys.modules.items()) if n == package or n.startswith(package + '.')]
 
 
@@ -204,19 +204,13 @@ def _fused_backend_on_cpu() -> Iterator[None]:
     """Let 'fused' run on the CPU whatever this Triton is (its kernels are recorders here): the
     interpreter counts as a device and the installed Triton as fine. Input checks (window and head
     sizes, dtypes) still apply, as on a GPU."""
-    from . import fused
-    saved_env = os.environ.get('TRITON_INTERPRET')
     saved = fused.triton_unavailable_reason, fused.interpreter_unavailable_reason
-    os.environ['TRITON_INTERPRET'] = '1'
     fused.triton_unavailable_reason = fused.interpreter_unavailable_reason = lambda: None
     try:
-        yield
+        with interpreter(on=True):
+            yield
     finally:
         fused.triton_unavailable_reason, fused.interpreter_unavailable_reason = saved
-        if saved_env is None:
-            os.environ.pop('TRITON_INTERPRET')
-        else:
-            os.environ['TRITON_INTERPRET'] = saved_env
 
 
 def resolve_case(case: str) -> Tuple[str, Optional[Tuple[int, int]]]:
@@ -234,20 +228,14 @@ def resolve_case(case: str) -> Tuple[str, Optional[Tuple[int, int]]]:
 def build_case(case: str, batch: int = 1) -> Tuple[torch.nn.Module, torch.Tensor]:
     """The Focal model of a case with attn_backend 'fused', in train mode, and a random input batch.
     Specs: a timm model name, a YAML config (MODEL.TYPE focal), `backbone:VARIANT` (models.focal_backbone)."""
-    import timm
-
-    import models
     spec, size = resolve_case(case)
     if spec.startswith('backbone:'):
-        from models.focal_backbone import BACKBONE_VARIANTS, focal_backbone
         variant = spec.split(':', 1)[1]
         if variant not in BACKBONE_VARIANTS:
             raise CaseError(f'case {case!r}: backbone variants are {", ".join(BACKBONE_VARIANTS)}')
         model = focal_backbone(variant, attn_backend='fused')
         size = size or (800, 1333)
     elif spec.endswith(('.yaml', '.yml')):
-        from config import load_config
-        from utils import UserError
         path = spec if os.path.exists(spec) else os.path.join(REPO_ROOT, spec)
         try:
             config = load_config(path, ['MODEL.FOCAL.ATTN_BACKEND', 'fused'])
@@ -266,10 +254,16 @@ def build_case(case: str, batch: int = 1) -> Tuple[torch.nn.Module, torch.Tensor
     return model.train(), torch.randn(batch, 3, *size)
 
 
+def _cuda_settings(dtype: str, tf32: bool) -> Dict[str, object]:
+    """The constexprs fused's launch configuration picks differently on CUDA than on the CPU, where the
+    launches are recorded (tf32: PyTorch allows TF32 matmuls)."""
+    return fused.dot_settings(getattr(torch, dtype), cuda=True, tf32_allowed=tf32)
+
+
 def _as_on_cuda(launch: Launch, dtype: str, tf32: bool) -> Launch:
-    """The launch fused makes on CUDA where it made `launch` on the CPU (see CUDA_SETTINGS)."""
+    """The launch fused makes on CUDA where it made `launch` on the CPU (see `_cuda_settings`)."""
     kwargs = dict(launch.kwargs)
-    kwargs.update({name: setting(dtype, tf32) for name, setting in CUDA_SETTINGS.items() if name in kwargs})
+    kwargs.update({name: value for name, value in _cuda_settings(dtype, tf32).items() if name in kwargs})
     return Launch(launch.kernel, launch.args, tuple(sorted(kwargs.items())), launch.launch_options)
 
 
@@ -305,7 +299,6 @@ def capture(case: str, dtypes: Sequence[str] = DTYPES, batch: int = 1, tf32: boo
     One real forward of one image builds the index maps (their values matter, and they do not depend
     on the batch); the recorded runs then compute shapes only (see `_shapes_only`), so that the batch
     costs nothing."""
-    from . import backends
     torch.manual_seed(0)
     model, images = build_case(case, batch)
     launches = {}
@@ -328,10 +321,10 @@ def capture(case: str, dtypes: Sequence[str] = DTYPES, batch: int = 1, tf32: boo
                                    'says why)')
             if not records:
                 raise CaptureError(f'{case} {dtype}: no kernel of models/focal_attention/triton_kernels.py ran')
-            unknown = sorted(set(CUDA_SETTINGS) - {k for launch in records for k, _ in launch.kwargs})
+            unknown = sorted(set(_cuda_settings(dtype, tf32)) - {k for launch in records for k, _ in launch.kwargs})
             if unknown:
-                raise CaptureError(f'aot.CUDA_SETTINGS names {unknown}, which no kernel launch passes: update it to '
-                                   'the CUDA launch configuration of models/focal_attention/fused.py')
+                raise CaptureError(f'fused.dot_settings names {unknown}, which no kernel launch passes: the launches '
+                                   'of models/focal_attention/fused.py no longer take them')
             launches[dtype] = list(dict.fromkeys(_as_on_cuda(launch, dtype, tf32) for launch in records))
     return launches
 
@@ -371,7 +364,7 @@ def jit_source(launch: Launch, arch: int):
     from triton.runtime import JITFunction, driver
     kernel = _kernels()[launch.kernel]
     if not isinstance(kernel, JITFunction):
-        raise TypeError(f'{launch.kernel} is a {type(kernel).__name__}: aot compiles plain triton.jit kernels; '
+        raise TypeError(f'{launch.kernel} is a {type(kernel).__name__}: kernel_aot compiles plain triton.jit kernels; '
                         'add its configurations here')
     args = [a.fake() if isinstance(a, TensorArg) else a for a in launch.args]
     real_compile, had_own, own = triton.compiler.compile, 'compile' in vars(kernel), vars(kernel).get('compile')
@@ -522,18 +515,15 @@ def worker_pool(processes: int) -> Iterator[ProcessPoolExecutor]:
     """Spawned workers without TRITON_INTERPRET, so that their kernels are compilable JITFunctions
     (the variable stays unset while workers may start). A worker that dies, as when the compiler
     aborts the process, fails every pending task (BrokenProcessPool) instead of a wait forever."""
-    saved = os.environ.pop('TRITON_INTERPRET', None)
-    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context('spawn'), initializer=_init_worker)
-    try:
-        yield pool
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    else:
-        pool.shutdown()
-    finally:
-        if saved is not None:
-            os.environ['TRITON_INTERPRET'] = saved
+    with interpreter(on=False):
+        pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context('spawn'), initializer=_init_worker)
+        try:
+            yield pool
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        else:
+            pool.shutdown()
 
 
 def compile_cases(cases: Sequence[str], dtypes: Iterable[str] = DTYPES, archs: Iterable[int] = (80, 90),
