@@ -22,6 +22,7 @@ import timm
 from conftest import REPO_ROOT, launcher_env
 from timm_suite_plugin import project_models
 
+pytestmark = pytest.mark.slow
 ARCHIVES = os.path.join(REPO_ROOT, '.cache', 'timm-tests')
 TEST_FILE = 'tests/test_models.py'
 # timm's tests that every project model must pass, and those a model with a released checkpoint (a
