@@ -195,6 +195,12 @@ RELEASED = Table(
         Row('Focal-Tiny', 'configs/focal_tiny.yaml', Paper(28.9, 4.9, 82.2)),
         Row('Focal-Small', 'configs/focal_small.yaml', Paper(51.1, 9.4, 83.6)),
         Row('Focal-Base', 'configs/focal_base.yaml', Paper(89.8, 16.4, 84.0)),
+        Row('Focal-Tiny, useconv', 'configs/focal_tiny_useconv.yaml', Paper(30.8, 5.2, 82.7)),
+        Row('Focal-Small, useconv', 'configs/focal_small_useconv.yaml', Paper(53.1, 9.7, 83.8)),
+        Row('Focal-Base, useconv', 'configs/focal_base_useconv.yaml', Paper(93.3, 16.8, 84.2)),
+        Row('Focal-fast-Tiny', 'configs/focalv2_tiny_useconv.yaml', Paper(30.2, 5.0, 82.4)),
+        Row('Focal-fast-Small', 'configs/focalv2_small_useconv.yaml', Paper(51.5, 9.4, 83.6)),
+        Row('Focal-fast-Base', 'configs/focalv2_base_useconv.yaml', Paper(91.2, 16.4, 84.0)),
     ),
 )
 

@@ -229,6 +229,8 @@ def test_eval_released_evaluates_each_checkpoint_it_downloads(tmp_path):
                 for name in timm.list_models(['focal_*', 'focalv2_*'])]
     assert len(released) == 9 and sorted(map(os.path.basename, downloads)) == sorted(released)
     assert evaluated == downloads
+    scripted = list(dict.fromkeys(configs_of(commands)))
+    assert scripted == [row.config for row in make_tables.RELEASED.rows]  # the table shows every one
     assert all(command[command.index('--tag') + 1] == 'released'
                for command in commands if '--cfg' in command)
 

@@ -30,7 +30,9 @@ class _Regather:
 
     def pack(self, tensor: torch.Tensor) -> Union[torch.Tensor, SavedView]:
         if tensor.untyped_storage().data_ptr() != self.storage:
-            return tensor
+            # Detached: a saved output returned as itself would hold its own grad_fn, a cycle
+            # through C++ that Python's collector cannot free when no backward runs.
+            return tensor.detach()
         self.saved_views += 1
         # The source lives in the packed views only: if the kernel saved no view of the
         # gathered tensor (e.g. it saved contiguous copies), nothing extra is kept.
