@@ -1,8 +1,10 @@
 """Shared pieces of the tests: the micro Focal Transformers (as constructor arguments for model
-tests, as a YAML config for training runs), tiny generated datasets and an in-process `main.py`
-runner. Test files import these names from `conftest`."""
+tests, as a YAML config for training runs), tiny generated datasets, an in-process `main.py`
+runner, one trained micro run per session and the `slow` marker. Test files import these names
+from `conftest`."""
 import contextlib
 import glob
+import json
 import os
 import shlex
 import subprocess
@@ -23,9 +25,56 @@ from config import get_defaults  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        'markers', 'slow: seconds or more a test (a subprocess or torchrun, an end-to-end run of a script, an '
+                   'export, torch.compile, the kernel compile, timm\'s suite, a full-size model): the fast '
+                   'loop `pytest -m "not slow" tests` leaves it out, the default run (and CI) runs it')
+
+
+_running_in_background = []  # test modules whose processes started with the session
+
+
+def pytest_collection_finish(session):
+    """A test module with `start_in_background()` runs its longest part in a process of its own
+    (timm's model suite): started now, when one of its tests is selected to run, the process uses
+    the second core beside the in-process tests. `stop_in_background()` at the end stops what no
+    test waited for."""
+    if session.config.option.collectonly:
+        return
+    modules = {getattr(item, 'module', None) for item in session.items}
+    for module in [m for m in modules if hasattr(m, 'start_in_background')]:
+        module.start_in_background()
+        _running_in_background.append(module)
+
+
+def pytest_sessionfinish(session):
+    while _running_in_background:
+        _running_in_background.pop().stop_in_background()
+
+
 # A four-stage Focal Transformer small enough for a CPU test: FocalTransformer(**MICRO_FOCAL),
 # or as config keys `micro_focal_config()`.
 MICRO_FOCAL = dict(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], drop_path_rate=0.0)
+# ... with two focal levels and a 10-class head: the model tests' classifier, and its Focal-fast
+# form with the released models' K and convolutional embedding.
+MICRO_CLASSIFIER = dict(MICRO_FOCAL, focal_levels=[2, 2, 2, 2], num_classes=10)
+MICRO_FAST_CLASSIFIER = dict(MICRO_CLASSIFIER, focal_topK=128, use_conv_embed=True)
+# Micro models of the attention tests, each keeping the geometries its tests count or need:
+# at 32 px with 4 px windows, three block geometries (five with depths [2, 1, 1, 1] and shift);
+MICRO_32PX = dict(img_size=32, window_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+                  focal_levels=[2, 2, 2, 2], focal_windows=[3, 1, 1, 1], expand_sizes=[1, 1, 0, 0], num_classes=3,
+                  drop_path_rate=0.0)
+# every kind of key and position table: shift, 1-2 pooled levels, expand 0-2 and a last stage no
+# larger than its window;
+MICRO_EVERY_KEY_KIND = dict(img_size=32, window_size=4, embed_dim=32, depths=[1, 2, 1, 1], num_heads=[2, 2, 2, 2],
+                            focal_levels=[2, 3, 2, 2], focal_windows=[3, 3, 1, 1], expand_sizes=[1, 2, 1, 0],
+                            use_shift=True, focal_pool='fc', num_classes=5, drop_path_rate=0.0)
+# at 64 px, a second block in stage 0 that shifts, with surroundings and pooled keys.
+MICRO_64PX_SHIFTED = dict(img_size=64, embed_dim=16, depths=[2, 1, 1, 1], num_heads=[1, 2, 2, 2], focal_levels=[2] * 4,
+                          focal_windows=[3] * 4, expand_sizes=[3] * 4, use_shift=True, focal_pool='fc', num_classes=5,
+                          drop_path_rate=0.0)
 
 
 def micro_focal_config():
@@ -99,6 +148,27 @@ def run_main(args: List[str]) -> int:
     """`main.py` in this process (no interpreter start-up), forced onto the CPU."""
     import main
     return main.main(args + ['--device', 'cpu'])
+
+
+def read_metrics(run_dir: str) -> List[dict]:
+    """The records of a run folder's metrics.jsonl, every line strict JSON (a bare NaN or
+    Infinity fails, as does a line cut short)."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line, parse_constant=refuse) for line in f]
+
+
+@pytest.fixture(scope='session')
+def trained_run(tmp_path_factory, tiny_data) -> dict:
+    """One finished one-epoch micro run of `tiny_data` (tests must not modify it): its config
+    file, the epoch's checkpoint (in <root>/out/micro_focal/default) and its metrics record."""
+    root = tmp_path_factory.mktemp('trained')
+    cfg = write_micro_config(str(root))
+    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', str(root / 'out')]) == 0
+    run_dir = root / 'out' / 'micro_focal' / 'default'
+    [metrics] = read_metrics(str(run_dir))
+    return dict(cfg=cfg, checkpoint=str(run_dir / 'ckpt_epoch_0.pth'), metrics=metrics)
 
 
 @contextlib.contextmanager
@@ -194,9 +264,19 @@ def main_arguments(command: List[str]) -> Optional[List[str]]:
 
 @pytest.fixture
 def one_thread():
-    """One intra-op thread for the test: on a CPU shared with other processes, two threads of small
-    ops wait on each other (a scaled-down model's training step took 10-20 times longer)."""
+    """One intra-op thread for the test: micro models run their ops on tiny tensors, where threads
+    cost more than they save; on a CPU shared with other processes, two threads of small ops wait on
+    each other (a scaled-down model's training step took 10-20 times longer)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_choices():
+    """No attention backend chosen (nor its choice logged) before the test, nor left after it."""
+    from models.focal_attention import clear_backend_choices
+    clear_backend_choices()
+    yield
+    clear_backend_choices()

@@ -7,22 +7,14 @@ import logging
 import pytest
 import torch
 
+from conftest import MICRO_32PX
 from models import FocalTransformer
 from models.focal_attention import backends, backends_in_use, clear_backend_choices
 from models.focal_attention.backends import GpuArchitecture
 from models.focal_attention.fused import interpreter_unavailable_reason as fused_interpreter_fault
 
-MICRO = dict(img_size=32, window_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
-             focal_levels=[2, 2, 2, 2], focal_windows=[3, 1, 1, 1], expand_sizes=[1, 1, 0, 0], num_classes=3,
-             drop_path_rate=0.0)
 FUSED_RUNS_HERE = fused_interpreter_fault() is None  # on the CPU: under TRITON_INTERPRET=1 (conftest)
-
-
-@pytest.fixture(autouse=True)
-def fresh_choices():
-    clear_backend_choices()
-    yield
-    clear_backend_choices()
+pytestmark = pytest.mark.usefixtures('fresh_choices')
 
 
 def describe_device_as(monkeypatch, capability):
@@ -44,7 +36,7 @@ def test_auto_on_an_unverified_or_pre_sm80_gpu_runs_sdpa_and_says_once_how_to_op
     describe_device_as(monkeypatch, capability)
     if listed:  # below sm_80, even a listed measurement does not make 'auto' pick the kernel
         monkeypatch.setitem(backends.VERIFIED_ARCHITECTURES, capability, 'docs/benchmarks.md: a test entry')
-    model = FocalTransformer(**MICRO).eval()
+    model = FocalTransformer(**MICRO_32PX).eval()
     lines = run_and_log(model, caplog, torch.randn(1, 3, 32, 32))
     assert backends_in_use(model) == {'sdpa'}
     assert len(lines) == 1 and 'SDPA' in lines[0], lines
@@ -62,7 +54,7 @@ def test_auto_on_a_verified_gpu_runs_the_fused_kernel(monkeypatch, caplog):
     describe_device_as(monkeypatch, (9, 0))
     monkeypatch.setitem(backends.VERIFIED_ARCHITECTURES, (9, 0), 'docs/benchmarks.md: a test entry')
     torch.manual_seed(0)
-    model = FocalTransformer(**MICRO).eval()
+    model = FocalTransformer(**MICRO_32PX).eval()
     images = torch.randn(1, 3, 32, 32)
     lines = run_and_log(model, caplog, images, times=1)
     fused = model(images)
@@ -78,7 +70,7 @@ def test_a_backend_is_chosen_once_per_geometry_device_and_kind_of_input(monkeypa
     """Two input sizes (two layouts per geometry) cost no second choice; another dtype does."""
     asked = []
     monkeypatch.setattr(backends, 'gpu_architecture', lambda device: asked.append(device) or None)
-    model = FocalTransformer(**{**MICRO, 'depths': [2, 1, 1, 1], 'use_shift': True}).eval()
+    model = FocalTransformer(**{**MICRO_32PX, 'depths': [2, 1, 1, 1], 'use_shift': True}).eval()
     geometries = {block.geometry for stage in model.layers for block in stage.blocks}
     assert len(geometries) == 5
     with torch.no_grad():
@@ -89,8 +81,9 @@ def test_a_backend_is_chosen_once_per_geometry_device_and_kind_of_input(monkeypa
     assert len(asked) == 2 * len(geometries)
 
 
+@pytest.mark.slow
 def test_compiled_model_records_the_backend_it_ran_in_one_graph():
-    model = FocalTransformer(**MICRO, attn_backend='sdpa').eval()
+    model = FocalTransformer(**MICRO_32PX, attn_backend='sdpa').eval()
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         model(images)  # layouts and choices exist after one eager forward
@@ -103,7 +96,7 @@ def test_compiled_model_records_the_backend_it_ran_in_one_graph():
 
 
 def test_backends_in_use_reads_each_module():
-    model = FocalTransformer(**MICRO, attn_backend='sdpa').eval()
+    model = FocalTransformer(**MICRO_32PX, attn_backend='sdpa').eval()
     assert backends_in_use(model) == set()  # nothing ran yet
     model.layers[3].blocks[0].attn.attn_backend = 'fused'
     with torch.no_grad():
@@ -122,7 +115,7 @@ def test_a_fused_kernel_that_fails_on_the_gpu_falls_back_to_sdpa_with_one_warnin
     for requested in ('fused', 'auto'):
         clear_backend_choices()
         caplog.clear()
-        model = FocalTransformer(**MICRO, attn_backend=requested).eval()
+        model = FocalTransformer(**MICRO_32PX, attn_backend=requested).eval()
         lines = run_and_log(model, caplog, torch.randn(1, 3, 32, 32))
         assert backends_in_use(model) == {'sdpa'}
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -22,14 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SIZES = [(224, 224), (384, 512), (600, 408)]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    """Micro models run their ops on tiny tensors, where intra-op threads cost more than they
-    save (several times more on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def micro_backbone(**kwargs) -> FocalBackbone:
@@ -250,7 +243,7 @@ def load_demo():
     return demo
 
 
-@pytest.mark.parametrize('detector', ['retinanet', 'mask_rcnn'])
+@pytest.mark.parametrize('detector', ['retinanet', pytest.param('mask_rcnn', marks=pytest.mark.slow)])  # 5 s
 def test_detection_training_step_reaches_the_backbone(detector):
     demo = load_demo()
     torch.manual_seed(0)

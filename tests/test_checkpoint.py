@@ -111,6 +111,7 @@ def convert_checkpoint(source: Path, target: Path) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_official_training_checkpoint_with_yacs_config_is_refused_then_converted(tmp_path):
     """The official code saves its yacs CfgNode in training checkpoints: reading it stays
     weights-only (a clear error naming the converter), and the converter extracts the weights."""
@@ -125,6 +126,7 @@ def test_official_training_checkpoint_with_yacs_config_is_refused_then_converted
     assert loaded.keys() == weights.keys() and torch.equal(loaded['head.weight'], weights['head.weight'])
 
 
+@pytest.mark.slow
 def test_whole_model_saved_with_torch_save_is_converted_to_its_weights(tmp_path):
     """`torch.save(model)` pickles the model object: the read error names the converter, and the
     converter gives the model's weights, which then load into a fresh model."""

@@ -1,6 +1,5 @@
 """Two CPU processes (gloo) under torchrun, torch.distributed.launch and no launcher at all."""
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -17,8 +16,8 @@ import torch
 import main
 from config import get_config
 from data.images import folder_samples
-from conftest import (REPO_ROOT, error_line, interrupted_at_epoch, launcher_env, run_main, run_main_subprocess,
-                      write_micro_config, write_tiny_dataset)
+from conftest import (REPO_ROOT, error_line, interrupted_at_epoch, launcher_env, read_metrics, run_main,
+                      run_main_subprocess, write_micro_config, write_tiny_dataset)
 from distributed import Launch, LaunchError, read_launch
 from lr_scheduler import build_scheduler, scaled_learning_rates
 from optimizer import build_optimizer
@@ -82,11 +81,6 @@ def workspace(tmp_path_factory):
     return dict(root=root, data=data, data_17=str(data_17), cfg=cfg)
 
 
-def last_metrics(run_dir: str) -> dict:
-    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-        return json.loads(f.readlines()[-1])
-
-
 @pytest.fixture(scope='module')
 def torchrun_training(workspace):
     """Epoch 0 in one process (stopped before epoch 1), then epochs 1 and 2 resumed under
@@ -99,6 +93,7 @@ def torchrun_training(workspace):
     return result, os.path.join(output, 'micro_focal', 'default')
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_training(workspace, torchrun_training):
     """Also: a process without validation images takes part in the evaluation, and going from
     one process to two after epoch 0 continues the schedule of the new total batch (no second
@@ -109,8 +104,7 @@ def test_two_process_torchrun_training(workspace, torchrun_training):
     assert 'total batch changed from 8 to 16 images per optimizer step (2 processes' in result.stdout
     assert os.path.exists(os.path.join(run_dir, 'log_rank1.txt'))
     assert os.path.exists(os.path.join(run_dir, 'ckpt_epoch_2.pth'))
-    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-        metrics = [json.loads(line) for line in f]
+    metrics = read_metrics(run_dir)
     assert [m['epoch'] for m in metrics] == [0, 1, 2] and metrics[-1]['num_images'] == 1
     config = get_config(main.parse_args(['--cfg', workspace['cfg']]))
     rates = scaled_learning_rates(config, total_batch=16)
@@ -120,6 +114,7 @@ def test_two_process_torchrun_training(workspace, torchrun_training):
     assert metrics[1]['lr'] == pytest.approx(schedule.optimizer.param_groups[0]['lr'], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_two_process_eval_counts_each_image_once(workspace, torchrun_training, tmp_path):
     """`torch.distributed.launch` (which passes --local-rank) evaluates the checkpoint over two
     processes with exactly the single-process result, although one process has a batch more
@@ -129,18 +124,19 @@ def test_two_process_eval_counts_each_image_once(workspace, torchrun_training, t
     common = ['--cfg', workspace['cfg'], '--data-path', workspace['data_17'], '--eval',
               '--resume', checkpoint]
     assert run_main(common + ['--output', str(tmp_path / 'single')]) == 0
-    single = last_metrics(str(tmp_path / 'single' / 'micro_focal' / 'default'))
+    single = read_metrics(str(tmp_path / 'single' / 'micro_focal' / 'default'))[-1]
 
     result = run_main_subprocess(
         ['torch.distributed.launch', '--nproc_per_node', '2', '--master_port', str(free_port())],
         common + ['--output', str(tmp_path / 'double')])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    double = last_metrics(str(tmp_path / 'double' / 'micro_focal' / 'default'))
+    double = read_metrics(str(tmp_path / 'double' / 'micro_focal' / 'default'))[-1]
     assert single['num_images'] == double['num_images'] == 17
     assert double['acc1'] == pytest.approx(single['acc1'])
     assert double['loss'] == pytest.approx(single['loss'], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_two_process_throughput_with_a_single_validation_image(workspace, tmp_path):
     """Each process measures the batch asked for, the one image repeated, although one of the
     two validation shards is empty."""
@@ -149,10 +145,11 @@ def test_two_process_throughput_with_a_single_validation_image(workspace, tmp_pa
         ['--cfg', workspace['cfg'], '--data-path', workspace['data'], '--output', str(tmp_path),
          '--throughput'])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    record = last_metrics(str(tmp_path / 'micro_focal' / 'default'))
+    record = read_metrics(str(tmp_path / 'micro_focal' / 'default'))[-1]
     assert (record['batch_size'], record['distinct_images'], record['processes']) == (8, 1, 2)
 
 
+@pytest.mark.slow
 def test_a_process_without_a_training_batch_stops_the_others_at_once(workspace, tmp_path):
     """Every image of the first training batch of process 1 is unreadable, so process 1 stops
     with an error while process 0 waits for it in DDP's first forward. Started without a
@@ -177,6 +174,7 @@ def test_a_process_without_a_training_batch_stops_the_others_at_once(workspace, 
     assert not os.path.exists(tmp_path / 'out' / 'micro_focal' / 'default' / 'ckpt_epoch_0.pth')
 
 
+@pytest.mark.slow
 def test_processes_whose_data_name_other_classes_stop_before_training(workspace, tmp_path):
     """Process 1's train/ holds as many classes as process 0's, one under another name, so an
     index would mean another class in each: both stop with one line naming the first
@@ -240,6 +238,7 @@ def test_a_rank_without_world_size_stops_eval_with_one_line_before_reading_anyth
     assert 'RANK=1 is set but WORLD_SIZE is not' in error_line(capsys)
 
 
+@pytest.mark.slow
 def test_a_process_waiting_for_a_job_that_is_not_there_says_so_within_seconds(tmp_path):
     """Process 1 of 2 whose process 0 never starts: within seconds, one line says what it waits
     for and where (instead of the process group's 30-minute timeout in silence)."""
@@ -264,6 +263,7 @@ def test_a_process_waiting_for_a_job_that_is_not_there_says_so_within_seconds(tm
     assert 'Traceback' not in said
 
 
+@pytest.mark.slow
 def test_launched_processes_keep_the_given_pythonpath(monkeypatch, tmp_path):
     """Where packages come through PYTHONPATH, launched processes still find them (and the
     repository's modules)."""
@@ -323,6 +323,7 @@ def train_with_a_non_finite_loss_in_process_1(rank: int, store: str, results: st
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_in_one_process_skips_the_step_in_every_process(tmp_path):
     """The step is skipped in both processes alike and counts in both (in fp32 process 0 sees a
     non-finite gradient norm; with a grad scaler, which skips overflowing steps uncounted, it counts

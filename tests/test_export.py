@@ -23,20 +23,14 @@ import export_onnx  # noqa: E402
 # PyTorch 2.5 and later have the torch.export-based exporter (with onnxscript, a test dependency);
 # PyTorch 2.4 has only the TorchScript one, which the script then names as its fallback.
 NEW_EXPORTER = 'dynamic_shapes' in inspect.signature(torch.onnx.export).parameters
-pytestmark = pytest.mark.filterwarnings(  # PyTorch 2.4's torch.export on the constant index maps it holds
-    'ignore:.*(does not reference an nn.Module|no underlying reference in the owning GraphModule):UserWarning')
+pytestmark = [
+    pytest.mark.filterwarnings(  # PyTorch 2.4's torch.export on the constant index maps it holds
+        'ignore:.*(does not reference an nn.Module|no underlying reference in the owning GraphModule):UserWarning'),
+    pytest.mark.usefixtures('one_thread'),
+]
 SHIFTED = 'MODEL:\n  FOCAL:\n    USE_SHIFT: True\n    DEPTHS: [2, 1, 1, 1]\n'  # stage 0's second block shifts
 FAST_SHIFTED = SHIFTED.replace('MODEL:\n', 'MODEL:\n  TYPE: focalv2\n')  # Focal-fast, built at the micro 32 px
 SIZE = 40  # not a multiple of the windows: the maps are padded
-
-
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    """Micro models on tiny tensors: intra-op threads cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def micro_classifier(folder: str, extra_yaml: str = SHIFTED) -> FocalTransformer:
@@ -65,6 +59,7 @@ def assert_default_exporter_ran(printed: str) -> None:
         assert 'exporter: TorchScript, the fallback: torch 2.4' in printed and 'no torch.export-based' in printed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('architecture', [SHIFTED, FAST_SHIFTED], ids=['focal', 'focalv2'])
 def test_classifier_checkpoint_exports_with_the_default_exporter_and_any_batch_runs(architecture, tmp_path, capsys):
     model = micro_classifier(str(tmp_path), architecture)
@@ -84,6 +79,7 @@ def test_classifier_checkpoint_exports_with_the_default_exporter_and_any_batch_r
             assert_matches(onnx_outputs(str(output), images), model(images))
 
 
+@pytest.mark.slow
 def test_backbone_exports_its_stage_maps(tmp_path, capsys):
     write_micro_config(str(tmp_path))
     backbone = export_onnx.build_backbone(str(tmp_path / 'micro.yaml'), None, (), (1, 2, 3))
@@ -104,6 +100,7 @@ def test_backbone_exports_its_stage_maps(tmp_path, capsys):
         assert_matches(onnx_outputs(str(output), images), backbone.eval()(images).values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('architecture, size', [(SHIFTED, SIZE), (FAST_SHIFTED, SIZE), (FAST_SHIFTED, 32)],
                          ids=['focal', 'focalv2', 'focalv2-at-its-built-size'])
 def test_torch_export_of_a_fresh_classifier_has_a_dynamic_batch_and_lowers(architecture, size, tmp_path):
@@ -122,6 +119,7 @@ def test_torch_export_of_a_fresh_classifier_has_a_dynamic_batch_and_lowers(archi
             assert_matches([lowered.module()(images)], model(images), 1e-6)
 
 
+@pytest.mark.slow
 def test_torch_export_of_a_fresh_backbone_gives_its_stage_maps(tmp_path):
     clear_layout_cache()
     write_micro_config(str(tmp_path))
@@ -132,6 +130,7 @@ def test_torch_export_of_a_fresh_backbone_gives_its_stage_maps(tmp_path):
         assert_matches(export_onnx.flat_outputs(program.module()(images)), backbone(images).values(), 1e-6)
 
 
+@pytest.mark.slow
 def test_fused_backend_is_exported_through_sdpa(tmp_path):
     """A model that ran the fused kernel (Triton's interpreter here, where it can run) exports SDPA: the
     exported graph holds no custom op and computes what the model computes."""
@@ -151,6 +150,7 @@ def test_fused_backend_is_exported_through_sdpa(tmp_path):
         assert_matches([program.module()(images)], expected, 1e-5)
 
 
+@pytest.mark.slow
 def test_torchscript_export_of_the_fused_backend_validates_against_the_eager_kernel(tmp_path, capsys):
     write_micro_config(str(tmp_path), SHIFTED)
     assert export_onnx.main(['--cfg', str(tmp_path / 'micro.yaml'), '--opts', 'MODEL.FOCAL.ATTN_BACKEND', 'fused',
@@ -160,6 +160,7 @@ def test_torchscript_export_of_the_fused_backend_validates_against_the_eager_ker
     assert 'exporter: TorchScript\n' in printed and 'onnxruntime vs PyTorch, batch 1' in printed
 
 
+@pytest.mark.slow
 def test_without_onnxscript_the_torchscript_exporter_is_the_named_fallback(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, 'onnxscript', None)
     model = micro_classifier(str(tmp_path))
@@ -178,6 +179,7 @@ def test_without_onnxscript_the_torchscript_exporter_is_the_named_fallback(tmp_p
     assert not (tmp_path / 'g.onnx').exists()
 
 
+@pytest.mark.slow
 def test_an_export_that_fails_validation_keeps_the_previous_file(tmp_path, capsys):
     cfg = write_micro_config(str(tmp_path))
     output = tmp_path / 'micro.onnx'

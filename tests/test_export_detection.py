@@ -43,6 +43,7 @@ def test_exporting_holds_under_export_and_tracing_only(tracer):
     assert torch.equal(traced(x), x + 1 if EXPORTS[tracer] else x - 1), f'exporting() under {tracer}'
 
 
+@pytest.mark.slow
 def test_compiled_model_runs_the_fused_kernel_it_asked_for_and_exports_sdpa():
     """What ran, read from the model: the fused kernel in a torch.compile graph where its kernels can
     run here (Triton's interpreter; not Triton 3.0 and 3.1 under NumPy 2), SDPA in a torch.export

@@ -6,8 +6,9 @@ import logging
 import pytest
 import torch
 
+from conftest import MICRO_EVERY_KEY_KIND
 from models import FocalBackbone, FocalTransformer
-from models.focal_attention import (FocalGeometry, clear_backend_choices, clear_layout_cache, focal_attention,
+from models.focal_attention import (FocalGeometry, clear_layout_cache, focal_attention,
                                     layout_cache_stats, window_layout)
 from models.focal_attention import geometry
 from models.focal_attention import fused
@@ -65,8 +66,15 @@ GEOMETRIES = {
 }
 
 
+# The larger geometries take 1.5-2.5 s each under the interpreter: the fast loop leaves them out and keeps
+# the others, which have every kind of key group (surroundings, pooled keys, shift, 128-query blocks).
+LARGER_GEOMETRIES = ('two levels, shifted', 'three levels, padded map',
+                     'window 7, expand 3, shifted (Focal-T stage 1 keys)')
+
+
 @runs_fused_kernel
-@pytest.mark.parametrize('name', GEOMETRIES)
+@pytest.mark.parametrize('name', [pytest.param(name, marks=pytest.mark.slow) if name in LARGER_GEOMETRIES else name
+                                  for name in GEOMETRIES])
 def test_fused_kernel_matches_sdpa_forward_and_every_gradient_in_float32(name):
     geometry_args, height, width, num_heads, head_dim, batch = GEOMETRIES[name]
     torch.manual_seed(0)
@@ -77,6 +85,7 @@ def test_fused_kernel_matches_sdpa_forward_and_every_gradient_in_float32(name):
         assert relative_error(value, expected) < 1e-5, what
 
 
+@pytest.mark.slow
 @runs_fused_kernel
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_fused_kernel_matches_sdpa_in_half_precision(dtype):
@@ -111,6 +120,7 @@ def test_an_interpreter_that_stores_nothing_is_reported_and_not_used(monkeypatch
     assert reason is not None and 'interpreter stores nothing' in reason
 
 
+@pytest.mark.slow
 @runs_fused_kernel
 def test_a_planted_kernel_bug_is_caught(monkeypatch):
     """The comparison above fails when the kernel leaves out one mask term (tokens of a shifted
@@ -125,6 +135,7 @@ def test_a_planted_kernel_bug_is_caught(monkeypatch):
     assert relative_error(planted[0], reference[0]) > 1e-3
 
 
+@pytest.mark.slow
 @runs_fused_kernel
 def test_fused_backward_is_bitwise_repeatable_in_deterministic_mode():
     geometry_args, height, width, num_heads, head_dim, batch = GEOMETRIES['three levels, padded map']
@@ -139,11 +150,6 @@ def test_fused_backward_is_bitwise_repeatable_in_deterministic_mode():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
-MICRO = dict(img_size=32, window_size=4, embed_dim=32, depths=[1, 2, 1, 1], num_heads=[2, 2, 2, 2],
-             focal_levels=[2, 3, 2, 2], focal_windows=[3, 3, 1, 1], expand_sizes=[1, 2, 1, 0], use_shift=True,
-             focal_pool='fc', num_classes=5, drop_path_rate=0.0)
-
-
 def model_output_and_gradients(model: FocalTransformer, images: torch.Tensor, backend: str):
     model.set_attn_backend(backend)
     model.zero_grad()
@@ -152,13 +158,14 @@ def model_output_and_gradients(model: FocalTransformer, images: torch.Tensor, ba
     return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+@pytest.mark.slow
 @runs_fused_kernel
 def test_fused_model_gives_the_sdpa_model_output_and_every_parameter_gradient():
     """A micro model with shift, padding (36x40 input), 1-2 pooled levels, expand 0-2 and a last
     stage no larger than its window: every parameter (qkv/proj, the three kinds of position table,
     pooling layers) gets the reference gradient."""
     torch.manual_seed(0)
-    model = FocalTransformer(**MICRO)
+    model = FocalTransformer(**MICRO_EVERY_KEY_KIND)
     images = torch.randn(2, 3, 36, 40)
     reference, reference_grads = model_output_and_gradients(model, images, 'sdpa')
     fused, fused_grads = model_output_and_gradients(model, images, 'fused')
@@ -169,6 +176,7 @@ def test_fused_model_gives_the_sdpa_model_output_and_every_parameter_gradient():
         assert relative_error(grad, reference_grads[name]) < 1e-4, name
 
 
+@pytest.mark.slow
 @runs_fused_kernel
 def test_compiled_fused_model_trains_with_the_eager_gradients_in_one_graph():
     """The custom op stays inside a fullgraph torch.compile graph (layouts exist after one eager
@@ -176,7 +184,7 @@ def test_compiled_fused_model_trains_with_the_eager_gradients_in_one_graph():
     autograd trace for inductor, run without its code generation (inductor itself:
     test_focal_transformer.py; with the compiled kernel on a GPU: scripts/gpu_checks.sh)."""
     torch.manual_seed(0)
-    model = FocalTransformer(**{**MICRO, 'depths': [1, 1, 1, 1]}, attn_backend='fused')
+    model = FocalTransformer(**{**MICRO_EVERY_KEY_KIND, 'depths': [1, 1, 1, 1]}, attn_backend='fused')
     images = torch.randn(2, 3, 32, 32)
     _, eager = model_output_and_gradients(model, images, 'fused')
     model.zero_grad()
@@ -189,8 +197,8 @@ def test_compiled_fused_model_trains_with_the_eager_gradients_in_one_graph():
 @runs_fused_kernel
 def test_backends_share_one_checkpoint():
     torch.manual_seed(0)
-    sdpa_model = FocalTransformer(**MICRO, attn_backend='sdpa').eval()
-    fused_model = FocalTransformer(**MICRO, attn_backend='fused').eval()
+    sdpa_model = FocalTransformer(**MICRO_EVERY_KEY_KIND, attn_backend='sdpa').eval()
+    fused_model = FocalTransformer(**MICRO_EVERY_KEY_KIND, attn_backend='fused').eval()
     fused_model.load_state_dict(sdpa_model.state_dict())
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -199,18 +207,11 @@ def test_backends_share_one_checkpoint():
 
 def test_unknown_backend_names_the_choices():
     with pytest.raises(ValueError, match="attn_backend must be one of"):
-        FocalTransformer(**MICRO, attn_backend='flash')
-
-
-@pytest.fixture
-def fresh_choices():
-    clear_backend_choices()
-    yield
-    clear_backend_choices()
+        FocalTransformer(**MICRO_EVERY_KEY_KIND, attn_backend='flash')
 
 
 def test_auto_runs_sdpa_on_the_cpu_and_says_so_once(fresh_choices, caplog):
-    model = FocalTransformer(**MICRO).eval()
+    model = FocalTransformer(**MICRO_EVERY_KEY_KIND).eval()
     with caplog.at_level(logging.INFO, logger='models.focal_attention'), torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
         model(torch.randn(1, 3, 32, 32))
@@ -223,9 +224,9 @@ def test_fused_falls_back_to_sdpa_with_one_warning(setting, reason, fresh_choice
     torch.manual_seed(0)
     if setting == 'interpreter off':
         monkeypatch.setenv('TRITON_INTERPRET', '0')
-        model = FocalTransformer(**MICRO, attn_backend='fused').eval()
+        model = FocalTransformer(**MICRO_EVERY_KEY_KIND, attn_backend='fused').eval()
     else:
-        model = FocalTransformer(**MICRO, attn_backend='fused', attn_drop_rate=0.5).train()
+        model = FocalTransformer(**MICRO_EVERY_KEY_KIND, attn_backend='fused', attn_drop_rate=0.5).train()
     images = torch.randn(1, 3, 32, 32)
     with caplog.at_level(logging.INFO, logger='models.focal_attention'):
         torch.manual_seed(1)
@@ -241,7 +242,7 @@ def test_fused_falls_back_to_sdpa_with_one_warning(setting, reason, fresh_choice
 
 def test_blocks_of_one_geometry_share_one_layout():
     clear_layout_cache()
-    model = FocalTransformer(**{**MICRO, 'depths': [1, 3, 1, 1], 'use_shift': False}).eval()
+    model = FocalTransformer(**{**MICRO_EVERY_KEY_KIND, 'depths': [1, 3, 1, 1], 'use_shift': False}).eval()
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert layout_cache_stats()[0] == 4  # one per stage
@@ -252,7 +253,7 @@ def test_blocks_of_one_geometry_share_one_layout():
 def test_many_input_sizes_keep_the_layout_cache_bounded(monkeypatch):
     clear_layout_cache()
     monkeypatch.setattr(geometry, 'MAX_CACHED_LAYOUTS', 6)
-    model = FocalTransformer(**{**MICRO, 'depths': [1, 1, 1, 1]}).eval()
+    model = FocalTransformer(**{**MICRO_EVERY_KEY_KIND, 'depths': [1, 1, 1, 1]}).eval()
     with torch.no_grad():
         for size in range(32, 96, 8):
             model(torch.randn(1, 3, size, size))
@@ -272,7 +273,7 @@ def test_layouts_hold_no_dense_mask():
 
 def test_classifier_trains_after_a_first_forward_under_inference_mode():
     clear_layout_cache()
-    model = FocalTransformer(**MICRO)
+    model = FocalTransformer(**MICRO_EVERY_KEY_KIND)
     with torch.inference_mode():
         model.eval()(torch.randn(1, 3, 32, 32))
     model.train()(torch.randn(2, 3, 32, 32)).sum().backward()
@@ -281,7 +282,7 @@ def test_classifier_trains_after_a_first_forward_under_inference_mode():
 
 def test_backbone_trains_after_a_first_forward_under_inference_mode():
     clear_layout_cache()
-    kwargs = {k: v for k, v in MICRO.items() if k not in ('num_classes', 'img_size')}
+    kwargs = {k: v for k, v in MICRO_EVERY_KEY_KIND.items() if k not in ('num_classes', 'img_size')}
     backbone = FocalBackbone(img_size=64, **kwargs)
     with torch.inference_mode():
         backbone.eval()(torch.randn(1, 3, 64, 64))

@@ -1,7 +1,6 @@
 """Focal-fast (the official `focal_transformer_v2.py`): official outputs and sizes, the key selection
 against the official procedure, a file's own selection, other input sizes, gradients against the
 official attention written out, and the paths users take (timm, configs, the backbone)."""
-import json
 import logging
 import math
 from pathlib import Path
@@ -13,13 +12,12 @@ import torch.nn.functional as F
 
 import models  # noqa: F401  (registers the timm variants)
 from config import load_config
-from conftest import MICRO_FOCAL, REPO_ROOT, run_main, write_micro_config
+from conftest import MICRO_FAST_CLASSIFIER, REPO_ROOT, read_metrics, run_main, write_micro_config
 from models import FocalBackbone, FocalFastTransformer, build_model, checkpoint_filter_fn
 from models.focal_attention import NearestGeometry, clear_backend_choices, nearest, nearest_selection, window_offsets
 
 GOLDEN = Path(__file__).resolve().parent / 'data' / 'golden'
 FAST_GOLDEN = ['fast_default224', 'fast_shift224', 'fast_patch224']
-MICRO = dict(MICRO_FOCAL, focal_levels=[2, 2, 2, 2], num_classes=10, focal_topK=128, use_conv_embed=True)
 
 
 def load_golden(name: str) -> dict:
@@ -169,7 +167,8 @@ def test_any_map_size_computes_the_official_attention_of_its_selection(height, w
     """Maps that are not whole windows or not square: the attention is the official attention of the
     padded map with the computed selection (keys among the real tokens only)."""
     torch.manual_seed(0)
-    block = FocalFastTransformer(**{**MICRO, 'depths': [2, 1, 1, 1], 'use_shift': bool(shift), 'img_size': 112})
+    block = FocalFastTransformer(**{**MICRO_FAST_CLASSIFIER, 'depths': [2, 1, 1, 1], 'use_shift': bool(shift),
+                                    'img_size': 112})
     block = block.layers[0].blocks[1 if shift else 0].eval()
     attn = block.attn
     layout = attn.layout(height, width, torch.device('cpu'))
@@ -189,7 +188,7 @@ def test_any_map_size_computes_the_official_attention_of_its_selection(height, w
 
 @pytest.mark.parametrize('size', [(224, 224), (256, 256), (200, 288)])
 def test_model_runs_other_input_sizes_and_trains(size):
-    model = FocalFastTransformer(**{**MICRO, 'use_shift': True})
+    model = FocalFastTransformer(**{**MICRO_FAST_CLASSIFIER, 'use_shift': True})
     logits = model(torch.randn(2, 3, *size))
     assert logits.shape == (2, 10)
     F.cross_entropy(logits, torch.tensor([1, 2])).backward()
@@ -199,7 +198,7 @@ def test_model_runs_other_input_sizes_and_trains(size):
 def test_every_gradient_equals_the_official_attentions_in_float64():
     """The batched position MLPs, gathers and SDPA give the official math's gradients (float64)."""
     torch.manual_seed(0)
-    block = FocalFastTransformer(**{**MICRO, 'img_size': 112}).layers[1].blocks[0].double()
+    block = FocalFastTransformer(**{**MICRO_FAST_CLASSIFIER, 'img_size': 112}).layers[1].blocks[0].double()
     attn = block.attn
     x = torch.randn(2, 14, 14, attn.dim, dtype=torch.float64, requires_grad=True)
     selection = [(index, per_query_coords(offset, 7).double())
@@ -267,7 +266,7 @@ def test_shipped_configs_build_the_released_architectures(size):
 def test_fused_request_runs_sdpa_and_says_why(caplog, monkeypatch):
     monkeypatch.setenv('TRITON_INTERPRET', '1')
     clear_backend_choices()
-    model = FocalFastTransformer(**{**MICRO, 'img_size': 64, 'attn_backend': 'fused'})
+    model = FocalFastTransformer(**{**MICRO_FAST_CLASSIFIER, 'img_size': 64, 'attn_backend': 'fused'})
     with caplog.at_level(logging.WARNING):
         model(torch.randn(1, 3, 64, 64))
     assert 'differ between windows' in caplog.text and 'using SDPA' in caplog.text
@@ -275,9 +274,10 @@ def test_fused_request_runs_sdpa_and_says_why(caplog, monkeypatch):
     clear_backend_choices()
 
 
+@pytest.mark.slow
 def test_compiled_training_gives_eager_gradients_without_graph_breaks():
     torch.manual_seed(0)
-    model = FocalFastTransformer(**{**MICRO, 'img_size': 64, 'use_shift': True})
+    model = FocalFastTransformer(**{**MICRO_FAST_CLASSIFIER, 'img_size': 64, 'use_shift': True})
     images = torch.randn(2, 3, 64, 64)
     model(images).sum().backward()
     eager = [p.grad.clone() for p in model.parameters()]
@@ -289,7 +289,7 @@ def test_compiled_training_gives_eager_gradients_without_graph_breaks():
 
 def test_gradient_checkpointing_and_autocast():
     torch.manual_seed(0)
-    model = FocalFastTransformer(**{**MICRO, 'img_size': 64})
+    model = FocalFastTransformer(**{**MICRO_FAST_CLASSIFIER, 'img_size': 64})
     images = torch.randn(2, 3, 64, 64)
     model(images).sum().backward()
     reference = [p.grad.clone() for p in model.parameters()]
@@ -303,11 +303,11 @@ def test_gradient_checkpointing_and_autocast():
 
 
 def test_backbone_gives_stage_maps_at_detection_sizes():
-    backbone = FocalBackbone(**{k: v for k, v in MICRO.items() if k != 'num_classes'}, img_size=(96, 160),
-                             model_class=FocalFastTransformer)
+    backbone = FocalBackbone(**{k: v for k, v in MICRO_FAST_CLASSIFIER.items() if k != 'num_classes'},
+                             img_size=(96, 160), model_class=FocalFastTransformer)
     maps = backbone(torch.randn(1, 3, 100, 150))
     assert [tuple(m.shape[1:]) for m in maps.values()] == [(16, 32, 40), (32, 16, 20), (64, 8, 10), (128, 4, 5)]
-    sample = FocalFastTransformer(**MICRO).state_dict()
+    sample = FocalFastTransformer(**MICRO_FAST_CLASSIFIER).state_dict()
     backbone.load_checkpoint({'model': sample})  # a 224 classification file: the backbone keeps its own selection
     assert math.isfinite(sum(m.sum().item() for m in backbone(torch.randn(1, 3, 64, 64)).values()))
 
@@ -351,7 +351,7 @@ def test_main_trains_resumes_and_evaluates_focal_fast(tmp_path, tiny_data, capsy
     assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', output]) == 0
     assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', output, '--opts', 'TRAIN.EPOCHS', '2']) == 0
     run_dir = tmp_path / 'out' / 'micro_focal_fast' / 'default'
-    metrics = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+    metrics = read_metrics(str(run_dir))
     assert [m['epoch'] for m in metrics] == [0, 1]
     checkpoint = str(run_dir / 'ckpt_epoch_1.pth')
     model = build_model(load_config(cfg, ['MODEL.NUM_CLASSES', '10']))
@@ -367,7 +367,7 @@ def test_a_model_built_on_the_meta_device_leaves_real_selections_in_the_cache():
     real models too."""
     nearest_selection.cache_clear()
     with torch.device('meta'):
-        FocalFastTransformer(**MICRO)
+        FocalFastTransformer(**MICRO_FAST_CLASSIFIER)
     geometry = NearestGeometry(window_size=7, shift_size=0, num_pooled_levels=1, top_k=128)
     assert all(t.device.type == 'cpu' for level in nearest_selection(geometry, 56, 56) for t in level)
 

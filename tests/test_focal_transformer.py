@@ -15,14 +15,13 @@ import torch.nn.functional as F
 import models  # noqa: F401  (registers the timm variants)
 from timm.models import adapt_input_conv
 
-from conftest import MICRO_FOCAL
+from conftest import MICRO_CLASSIFIER, MICRO_FOCAL
 from models import FocalTransformer, checkpoint_filter_fn
 from models.focal_attention import pooled_key_size, pooled_neighbourhood, surrounding_offsets
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / 'tests' / 'data' / 'golden'
 GOLDEN_NAMES = ['default224', 'shift224', 'conv224', 'res256', 'global_only']
-MICRO = dict(MICRO_FOCAL, focal_levels=[2, 2, 2, 2], num_classes=10)
 
 
 def load_golden(name: str) -> dict:
@@ -73,7 +72,7 @@ def test_parameter_names_and_shapes_equal_official_learnables():
 
 
 def test_pre_norm_sits_only_in_the_downsampling_embeddings_as_official():
-    names = FocalTransformer(**MICRO, use_pre_norm=True).state_dict()
+    names = FocalTransformer(**MICRO_CLASSIFIER, use_pre_norm=True).state_dict()
     pre_norms = sorted({k.rsplit('.', 1)[0] for k in names if '.pre_norm.' in k})
     assert pre_norms == ['layers.0.downsample.pre_norm', 'layers.1.downsample.pre_norm', 'layers.2.downsample.pre_norm']
 
@@ -158,7 +157,7 @@ def test_image_size_only_sets_parameter_shapes():
     dict(use_conv_embed=True, use_pre_norm=True), dict(expand_sizes=[0, 0, 0, 0]), dict(expand_stages=[0, 1])])
 def test_options_train_with_finite_gradients_at_several_sizes(options):
     torch.manual_seed(0)
-    model = FocalTransformer(**{**MICRO, 'img_size': 64, **options})
+    model = FocalTransformer(**{**MICRO_CLASSIFIER, 'img_size': 64, **options})
     for size in (64, 72):
         model.zero_grad()
         model(torch.randn(2, 3, size, size)).logsumexp(1).sum().backward()
@@ -167,19 +166,20 @@ def test_options_train_with_finite_gradients_at_several_sizes(options):
 
 
 def test_expand_stages_and_layers_select_blocks_with_surroundings():
-    model = FocalTransformer(**{**MICRO, 'depths': [2, 2, 2, 2], 'expand_stages': [0, 2], 'expand_layer': 'odd'})
+    model = FocalTransformer(**{**MICRO_CLASSIFIER, 'depths': [2, 2, 2, 2], 'expand_stages': [0, 2],
+                                'expand_layer': 'odd'})
     surrounding = [[blk.attn.num_surrounding for blk in stage.blocks] for stage in model.layers]
     assert surrounding == [[132, 0], [0, 0], [132, 0], [0, 0]]
 
 
 def test_keys_per_window_are_padded_for_fused_kernels():
-    attn = FocalTransformer(**MICRO).layers[0].blocks[0].attn
+    attn = FocalTransformer(**MICRO_CLASSIFIER).layers[0].blocks[0].attn
     assert attn.num_attended_keys == 49 + 132 + 49 and attn.num_keys == 232
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    model = FocalTransformer(**{**MICRO, 'img_size': 64})
+    model = FocalTransformer(**{**MICRO_CLASSIFIER, 'img_size': 64})
     images = torch.randn(2, 3, 64, 64)
     model(images).sum().backward()
     reference = [p.grad.clone() for p in model.parameters()]
@@ -227,9 +227,10 @@ def test_pooled_neighbourhoods_follow_the_official_unfold(level, focal_window, g
     assert torch.equal((index + 1).double()[valid], unfolded[valid])
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     torch.manual_seed(0)
-    model = FocalTransformer(**{**MICRO, 'img_size': 64, 'use_shift': True, 'depths': [2, 1, 1, 1]}).eval()
+    model = FocalTransformer(**{**MICRO_CLASSIFIER, 'img_size': 64, 'use_shift': True, 'depths': [2, 1, 1, 1]}).eval()
     images = torch.randn(2, 3, 64, 64)
     torch._dynamo.reset()  # other tests' compiled models would make parameter shapes dynamic
     with torch.no_grad():
@@ -238,6 +239,7 @@ def test_torch_compile_matches_eager():
     assert torch.allclose(eager, compiled, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_compile_training_gives_eager_gradients_without_graph_breaks():
     """fullgraph=True: no graph break anywhere in the model once its layouts exist (the first
     forward at a new size builds them eagerly). Traced by dynamo and AOT autograd, the graphs
@@ -245,7 +247,7 @@ def test_torch_compile_training_gives_eager_gradients_without_graph_breaks():
     CPU: `test_torch_compile_matches_eager` covers inductor). The fused backend:
     tests/test_focal_attention.py."""
     torch.manual_seed(0)
-    model = FocalTransformer(**{**MICRO, 'img_size': 64, 'use_shift': True, 'attn_backend': 'sdpa'})
+    model = FocalTransformer(**{**MICRO_CLASSIFIER, 'img_size': 64, 'use_shift': True, 'attn_backend': 'sdpa'})
     images = torch.randn(2, 3, 64, 64)
     model(images).sum().backward()
     eager = [p.grad.clone() for p in model.parameters()]
@@ -266,7 +268,7 @@ def test_bfloat16_autocast_runs_close_to_float32():
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_half_precision_autocast_trains_with_finite_gradients(dtype):
-    model = FocalTransformer(**MICRO, img_size=64, use_shift=True, focal_pool='fc')
+    model = FocalTransformer(**MICRO_CLASSIFIER, img_size=64, use_shift=True, focal_pool='fc')
     with torch.autocast('cpu', dtype=dtype):
         logits = model(torch.randn(2, 3, 64, 64))
     assert logits.dtype == dtype
@@ -278,7 +280,7 @@ def test_attention_under_autocast_gathers_keys_in_the_autocast_dtype(monkeypatch
     """CUDA autocast keeps LayerNorm outputs in fp32 while linear layers give bf16: keys and values
     must be gathered in bf16 (not promoted to fp32 by the zero key row, doubling the largest
     tensor of the layer) and reach attention in one dtype with the bias."""
-    block = FocalTransformer(**MICRO, img_size=64).layers[0].blocks[0].eval()
+    block = FocalTransformer(**MICRO_CLASSIFIER, img_size=64).layers[0].blocks[0].eval()
     x = torch.randn(2, 14, 14, 16)  # a padded map: two windows a side
     pooled = [block.pool(x, level) for level in range(block.attn.num_pooled_levels)]
     seen = []
@@ -329,7 +331,7 @@ def test_timm_pretrained_file_loads_into_another_input_channel_count(tmp_path, i
 
 
 def test_global_pool_and_reset_classifier_follow_timm():
-    model = FocalTransformer(**MICRO, img_size=64).eval()
+    model = FocalTransformer(**MICRO_CLASSIFIER, img_size=64).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         final_map = model.forward_features(images)
@@ -343,7 +345,7 @@ def test_global_pool_and_reset_classifier_follow_timm():
         torch.testing.assert_close(model(images), concatenated)
         model.reset_classifier(0, '')
         assert torch.equal(model(images), final_map)
-    unpooled = FocalTransformer(**{**MICRO, 'num_classes': 0}, img_size=64, global_pool='').eval()
+    unpooled = FocalTransformer(**{**MICRO_CLASSIFIER, 'num_classes': 0}, img_size=64, global_pool='').eval()
     assert unpooled(images).shape == (2, 2, 2, unpooled.num_features)
 
 
@@ -359,13 +361,13 @@ def test_variants_are_registered_with_timm(name):
 
 def test_bad_constructor_arguments_name_the_problem():
     with pytest.raises(ValueError, match='focal_pool'):
-        FocalTransformer(**MICRO, focal_pool='avg')
+        FocalTransformer(**MICRO_CLASSIFIER, focal_pool='avg')
     with pytest.raises(ValueError, match='expand_layer'):
-        FocalTransformer(**MICRO, expand_layer='some')
+        FocalTransformer(**MICRO_CLASSIFIER, expand_layer='some')
     with pytest.raises(ValueError, match='num_heads has 3 entries'):
-        FocalTransformer(**{**MICRO, 'num_heads': [1, 2, 4]})
+        FocalTransformer(**{**MICRO_CLASSIFIER, 'num_heads': [1, 2, 4]})
     with pytest.raises(TypeError, match='not_an_argument'):  # not taken and ignored
-        FocalTransformer(**MICRO, not_an_argument=1)
+        FocalTransformer(**MICRO_CLASSIFIER, not_an_argument=1)
 
 
 def one_line_error(error: pytest.ExceptionInfo) -> str:
@@ -394,6 +396,7 @@ def test_timm_users_mistakes_are_one_line_naming_the_argument():
     assert one_line_error(error).startswith('indices must be stage indices in -4..3')
 
 
+@pytest.mark.slow
 def test_model_stats_prints_official_size_and_cost():
     result = subprocess.run([sys.executable, 'scripts/model_stats.py', '--cfg', 'configs/focal_tiny.yaml'],
                             cwd=ROOT, capture_output=True, text=True, env={**os.environ, 'PYTHONWARNINGS': 'ignore'})

@@ -16,7 +16,7 @@ import torch
 from conftest import REPO_ROOT
 from models.focal_attention.fused import triton_unavailable_reason
 
-pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU'),
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU'),
               pytest.mark.skipif(triton_unavailable_reason() is not None, reason=str(triton_unavailable_reason()))]
 
 

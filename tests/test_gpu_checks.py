@@ -43,6 +43,7 @@ def test_the_device_calls_run_every_part_once_and_the_docs_give_them_with_the_pi
     assert f'timm=={timm_pin}' in open(os.path.join(REPO_ROOT, 'docs/benchmarks.md')).read()
 
 
+@pytest.mark.slow
 def test_dry_run_of_the_device_calls_runs_every_row_and_says_what_ran(tmp_path):
     rows = []
     for number, parts in enumerate(gpu_checks.DEVICE_CALLS, 1):

@@ -60,6 +60,7 @@ def test_a_package_imports_only_the_modules_below_it(package):
     assert not beyond, f'{package} may import only {sorted(ALLOWED[package])} of the project'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('module', ['config', 'data'])
 def test_importing_config_or_data_loads_no_model_code_and_defines_no_kernel(module):
     loaded = loaded_after_importing(module)

@@ -26,6 +26,7 @@ import kernel_aot  # noqa: E402  (scripts/kernel_aot.py)
 ARCHS = (80, 90)
 
 
+@pytest.mark.slow
 def test_every_fused_kernel_launch_compiles_for_sm80_and_sm90():
     summary = kernel_aot.compile_cases(list(kernel_aot.CASES), kernel_aot.DTYPES, ARCHS, exact=False,
                                        processes=min(2, os.cpu_count() or 1))
@@ -38,6 +39,7 @@ def test_every_fused_kernel_launch_compiles_for_sm80_and_sm90():
                                                                                  summary.compiled)
 
 
+@pytest.mark.slow
 def test_a_compile_worker_that_dies_fails_the_run_instead_of_waiting_forever():
     """Triton's compiler can abort its process (an assertion in a pass); the caller must see it."""
     with pytest.raises(BrokenProcessPool):

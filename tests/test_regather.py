@@ -11,15 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import MICRO_64PX_SHIFTED
 from models import FocalFastTransformer, FocalTransformer
 from models.focal_attention.input_saving import input_saving_sdpa
 from models.focal_attention.regather import _Regather, regathered_in_backward
 
 ROOT = Path(__file__).resolve().parent.parent
-
-MICRO = dict(img_size=64, embed_dim=16, depths=[2, 1, 1, 1], num_heads=[1, 2, 2, 2], focal_levels=[2] * 4,
-             focal_windows=[3] * 4, expand_sizes=[3] * 4, use_shift=True, focal_pool='fc', num_classes=5,
-             drop_path_rate=0.0)
 
 
 def gather_and_scale(regather: bool):
@@ -94,7 +91,7 @@ def test_focal_attention_saves_no_gathered_keys_and_keeps_its_gradients(monkeypa
     monkeypatch.setattr(F, 'scaled_dot_product_attention',
                         input_saving_sdpa)
     views = count_regathered_views(monkeypatch)
-    model = FocalTransformer(**MICRO).double()
+    model = FocalTransformer(**MICRO_64PX_SHIFTED).double()
     block = model.layers[0].blocks[1]  # shifted, with surroundings and pooled keys
     x = torch.randn(2, 256, 16, dtype=torch.float64)
     regathered = block_gradients(block, x, regather_keys=True)
@@ -109,7 +106,7 @@ def test_focal_attention_saves_no_gathered_keys_and_keeps_its_gradients(monkeypa
 @pytest.mark.parametrize('context', ['no_grad', 'checkpoint'])
 def test_regather_stays_out_of_inference_and_block_checkpointing(monkeypatch, context):
     views = count_regathered_views(monkeypatch)
-    model = FocalTransformer(**MICRO, use_checkpoint=context == 'checkpoint').train()
+    model = FocalTransformer(**MICRO_64PX_SHIFTED, use_checkpoint=context == 'checkpoint').train()
     images = torch.randn(2, 3, 64, 64)
     if context == 'no_grad':
         with torch.no_grad():
@@ -122,7 +119,7 @@ def test_regather_stays_out_of_inference_and_block_checkpointing(monkeypatch, co
 def test_torch_func_gradients_run_without_regather():
     """torch.func wraps tensors without storage: the regather stands aside and grad matches autograd."""
     from torch.func import functional_call, grad
-    model = FocalTransformer(**MICRO).double()
+    model = FocalTransformer(**MICRO_64PX_SHIFTED).double()
     images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     params = {name: p.detach() for name, p in model.named_parameters()}
     func_grads = grad(lambda p: functional_call(model, p, (images,)).sum())(params)
@@ -131,6 +128,7 @@ def test_torch_func_gradients_run_without_regather():
         assert torch.allclose(func_grads[name], p.grad)
 
 
+@pytest.mark.slow
 def test_full_size_focal_tiny_keeps_about_what_swin_tiny_keeps_for_backward():
     """scripts/activation_memory.py at batch 2: Focal-T keeps 1.09x timm's Swin-T (1.27x when
     the gathered keys were kept), weights' bf16 copies and position biases included."""
@@ -150,7 +148,8 @@ def test_a_graph_dropped_without_backward_frees_its_activations(model_class):
     graph and what it saved go with the output. Saved outputs passed through the hooks as
     themselves would form a cycle through C++ that no collector frees (a model's activations per
     forward: timm's model tests ran out of memory)."""
-    model = model_class(**{**MICRO, 'focal_topK': 16} if model_class is FocalFastTransformer else MICRO)
+    arguments = dict(MICRO_64PX_SHIFTED, focal_topK=16) if model_class is FocalFastTransformer else MICRO_64PX_SHIFTED
+    model = model_class(**arguments)
     stage_outputs = []
     model.layers[0].register_forward_hook(lambda module, args, output: stage_outputs.append(weakref.ref(output)))
     out = model(torch.randn(2, 3, 64, 64))

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(REPO, 'scripts'))
 
 import make_tables  # noqa: E402
 from config import load_config  # noqa: E402
+from conftest import read_metrics  # noqa: E402
 from models import build_model  # noqa: E402
 from models.complexity import count_params_m  # noqa: E402
 
@@ -346,10 +347,11 @@ def demo_run(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_make_tables_renders_a_table_and_plots_from_a_real_run(demo_run, tmp_path, monkeypatch,
                                                                capsys):
     run_dir = demo_run / 'focal_demo' / 'default'
-    records = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+    records = read_metrics(str(run_dir))
     acc1 = [r for r in records if 'acc1' in r][-1]['acc1']
     throughput = [r for r in records if 'throughput' in r][-1]['throughput']
     missing = tmp_path / 'not_run.yaml'

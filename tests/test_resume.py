@@ -4,7 +4,6 @@ config in force, and evaluation keeps its config record apart from the training 
 
 Most tests copy one two-epoch run whose evaluations are scripted (Acc@1 40 then 50, so that
 epoch 1 is the best) and rerun it; a rerun trains at most two short epochs."""
-import json
 import math
 import os
 import shutil
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 import main
-from conftest import error_line, interrupted_at_epoch, load_checkpoint, run_main, write_micro_config
+from conftest import error_line, interrupted_at_epoch, load_checkpoint, read_metrics, run_main, write_micro_config
 from engine import EvalResult
 
 RUN_DIR = os.path.join('out', 'micro_focal', 'default')
@@ -29,11 +28,6 @@ class ScriptedEvaluation:
     def __call__(self, *args, **kwargs) -> EvalResult:
         acc1 = self.accuracies.pop(0) if len(self.accuracies) > 1 else self.accuracies[0]
         return EvalResult(acc1=acc1, acc5=acc1, loss=1.0, num_images=30)
-
-
-def read_metrics(run_dir) -> list:
-    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f]
 
 
 def read_log(run_dir) -> str:

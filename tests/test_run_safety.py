@@ -3,7 +3,6 @@ nothing lost on a full disk, a kill or a second run in the same folder, exact re
 data-loading workers, and one clear line for foreign files and sizes that cannot work."""
 import errno
 import glob
-import json
 import os
 import random
 import shutil
@@ -18,20 +17,13 @@ from PIL import Image
 import checkpoint
 import main
 import run_outputs
-from conftest import REPO_ROOT, error_line, interrupted_at_epoch, load_checkpoint, run_main, write_micro_config
+from conftest import (REPO_ROOT, error_line, interrupted_at_epoch, load_checkpoint, read_metrics, run_main,
+                      write_micro_config)
 from config import get_config
 from data.build import build_loader, build_transform
 from data.images import ImageDataset
 from engine import EvalResult
 from run_outputs import RunOutputs
-
-
-def read_metrics(run_dir: str) -> list:
-    """metrics.jsonl as strict JSON: a bare NaN or Infinity fails."""
-    def refuse(constant):
-        raise ValueError(f"{constant} is not JSON")
-    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-        return [json.loads(line, parse_constant=refuse) for line in f]
 
 
 def checkpoints(run_dir: str) -> list:
@@ -84,14 +76,6 @@ def test_validation_folders_map_onto_training_class_indices(tmp_path, tiny_data)
     assert loaders.classes == loaders.dataset_train.classes and len(loaders.classes) == 10
     for path, target in loaders.dataset_val.samples:
         assert target == train_index[os.path.basename(os.path.dirname(path))], path
-
-
-@pytest.fixture(scope='module')
-def trained_run(tmp_path_factory, tiny_data) -> dict:
-    root = tmp_path_factory.mktemp('trained')
-    assert run_main(run_args(root, tiny_data)) == 0
-    return dict(checkpoint=str(root / RUN_DIR / 'ckpt_epoch_0.pth'),
-                metrics=read_metrics(str(root / RUN_DIR))[0])
 
 
 def test_eval_of_a_head_for_another_class_count_is_an_error(tmp_path, tiny_data, trained_run,
@@ -272,6 +256,7 @@ def test_a_kill_around_a_checkpoint_loses_no_epoch_and_repeats_none(tmp_path, ti
 
 # 5. Two runs in one folder --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_second_run_in_a_locked_folder_stops_naming_the_running_process(tmp_path, tiny_data,
                                                                        capsys):
     run_dir = str(tmp_path / RUN_DIR)
@@ -314,6 +299,7 @@ def test_outputs_are_closed_when_training_stops_on_non_finite_losses(tmp_path, t
 
 # 6. Exact resumption with workers -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resumed_run_with_two_workers_equals_an_uninterrupted_one(tmp_path, tiny_data,
                                                                   monkeypatch):
     """Random crops, flips and colour jitter run in two loader workers: epoch 1 of a run

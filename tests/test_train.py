@@ -1,6 +1,5 @@
 """End-to-end runs of main.py on a micro Focal Transformer and tiny generated data (CPU)."""
 import glob
-import json
 import math
 import os
 
@@ -10,13 +9,8 @@ import yaml
 
 import main
 from config import get_config
-from conftest import error_line, interrupted_at_epoch, load_checkpoint, run_main, write_micro_config
+from conftest import error_line, interrupted_at_epoch, load_checkpoint, read_metrics, run_main, write_micro_config
 from lr_scheduler import scaled_learning_rates
-
-
-def read_metrics(run_dir: str) -> list:
-    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_one_epoch_trains_evaluates_and_writes_run_folder(tmp_path, tiny_data, capsys):
@@ -145,17 +139,6 @@ AUG:
 """)
     assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', str(tmp_path / 'out'),
                      '--use-checkpoint']) == 0
-
-
-@pytest.fixture(scope='module')
-def trained_run(tmp_path_factory, tiny_data) -> dict:
-    """One finished micro run: its config, checkpoint and metrics."""
-    root = tmp_path_factory.mktemp('trained')
-    cfg = write_micro_config(str(root))
-    assert run_main(['--cfg', cfg, '--data-path', tiny_data, '--output', str(root / 'out')]) == 0
-    run_dir = root / 'out' / 'micro_focal' / 'default'
-    [metrics] = read_metrics(str(run_dir))
-    return dict(cfg=cfg, checkpoint=str(run_dir / 'ckpt_epoch_0.pth'), metrics=metrics)
 
 
 def official_style_copy(checkpoint: str, folder) -> str:
