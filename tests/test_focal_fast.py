@@ -287,16 +287,11 @@ def test_compiled_training_gives_eager_gradients_without_graph_breaks():
     assert all(torch.allclose(e, p.grad, atol=1e-5) for e, p in zip(eager, model.parameters()))
 
 
-def test_gradient_checkpointing_and_autocast():
+def test_bfloat16_autocast_gives_finite_logits():
+    """(Gradient checkpointing: tests/test_focal_transformer.py, for both model families.)"""
     torch.manual_seed(0)
     model = FocalFastTransformer(**{**MICRO_FAST_CLASSIFIER, 'img_size': 64})
     images = torch.randn(2, 3, 64, 64)
-    model(images).sum().backward()
-    reference = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    model.set_grad_checkpointing(True)
-    model(images).sum().backward()
-    assert all(torch.allclose(r, p.grad, atol=1e-6) for r, p in zip(reference, model.parameters()))
     with torch.autocast('cpu', dtype=torch.bfloat16):
         logits = model(images)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import models  # noqa: F401  (registers the timm variants)
 from timm.models import adapt_input_conv
 
-from conftest import MICRO_CLASSIFIER, MICRO_FOCAL
-from models import FocalTransformer, checkpoint_filter_fn
+from conftest import MICRO_CLASSIFIER, MICRO_FAST_CLASSIFIER, MICRO_FOCAL
+from models import FocalFastTransformer, FocalTransformer, checkpoint_filter_fn
 from models.focal_attention import pooled_key_size, pooled_neighbourhood, surrounding_offsets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,9 +177,11 @@ def test_keys_per_window_are_padded_for_fused_kernels():
     assert attn.num_attended_keys == 49 + 132 + 49 and attn.num_keys == 232
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize('model_class, arguments', [(FocalTransformer, MICRO_CLASSIFIER),
+                                                     (FocalFastTransformer, MICRO_FAST_CLASSIFIER)])
+def test_gradient_checkpointing_gives_the_same_gradients(model_class, arguments):
     torch.manual_seed(0)
-    model = FocalTransformer(**{**MICRO_CLASSIFIER, 'img_size': 64})
+    model = model_class(**{**arguments, 'img_size': 64})
     images = torch.randn(2, 3, 64, 64)
     model(images).sum().backward()
     reference = [p.grad.clone() for p in model.parameters()]
