@@ -33,27 +33,6 @@ def pytest_configure(config):
                    'loop `pytest -m "not slow" tests` leaves it out, the default run (and CI) runs it')
 
 
-_running_in_background = []  # test modules whose processes started with the session
-
-
-def pytest_collection_finish(session):
-    """A test module with `start_in_background()` runs its longest part in a process of its own
-    (timm's model suite): started now, when one of its tests is selected to run, the process uses
-    the second core beside the in-process tests. `stop_in_background()` at the end stops what no
-    test waited for."""
-    if session.config.option.collectonly:
-        return
-    modules = {getattr(item, 'module', None) for item in session.items}
-    for module in [m for m in modules if hasattr(m, 'start_in_background')]:
-        module.start_in_background()
-        _running_in_background.append(module)
-
-
-def pytest_sessionfinish(session):
-    while _running_in_background:
-        _running_in_background.pop().stop_in_background()
-
-
 # A four-stage Focal Transformer small enough for a CPU test: FocalTransformer(**MICRO_FOCAL),
 # or as config keys `micro_focal_config()`.
 MICRO_FOCAL = dict(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], drop_path_rate=0.0)

@@ -9,14 +9,11 @@ No test code of timm's is kept in the project. A test of timm's that fails, errs
 this test, and so does an archive that cannot be had.
 """
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
-from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
@@ -87,71 +84,23 @@ def outcomes(junit_xml: str) -> Dict[Tuple[str, str], str]:
     return result
 
 
-class SuiteRun:
-    """timm's model tests (`changed_test_file`) in a pytest process of its own, in a temporary
-    folder: its output goes to a file there, its results to pytest's XML report."""
-
-    def __init__(self):
-        text = changed_test_file()  # fails here (not in the process) where the archive cannot be had
-        self.folder = Path(tempfile.mkdtemp(prefix='timm-model-tests-'))
-        run = self.folder / 'run'
-        run.mkdir()
-        (run / 'test_models.py').write_text(text)
-        (run / 'pytest.ini').write_text('[pytest]\n')  # not the project's pytest settings
-        env = launcher_env()  # one thread: the tests' ops are small (inputs of 32 px), threads wait on each other
-        env['PYTHONPATH'] = os.path.join(REPO_ROOT, 'tests') + os.pathsep + env['PYTHONPATH']  # the plugin
-        env.pop('GITHUB_ACTIONS', None)  # there timm's file leaves its pretrained tests out
-        self.output = open(self.folder / 'output.txt', 'w+')
-        self.start = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-p', 'timm_suite_plugin',
-             '--stand-in-checkpoints', str(self.folder / 'hub'), '--junitxml', str(self.folder / 'report.xml'),
-             '-W', 'ignore::pytest.PytestUnknownMarkWarning', 'test_models.py'],
-            cwd=run, env=env, stdout=self.output, stderr=subprocess.STDOUT, text=True)
-
-    def wait(self) -> Tuple[int, str, float]:
-        """The process's exit status, the end of what it printed and the seconds it ran."""
-        returncode = self.process.wait()
-        seconds = time.monotonic() - self.start
-        self.output.seek(0)
-        return returncode, self.output.read()[-30000:], seconds
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.output.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-_background: List[SuiteRun] = []
-
-
-def start_in_background() -> None:
-    """Start the run as the session starts (`pytest_collection_finish` in conftest): the test then
-    waits for a process that ran on the second core beside the in-process tests (two of its
-    minutes on two cores) instead of starting it at the end. Where it cannot start, the test
-    starts it and fails with the reason."""
-    try:
-        _background.append(SuiteRun())
-    except pytest.fail.Exception:
-        pass
-
-
-def stop_in_background() -> None:
-    """Stop a run the session did not wait for (the session was interrupted or the test deselected)."""
-    while _background:
-        _background.pop().close()
-
-
-def test_timm_model_tests_pass_for_every_project_model():
-    suite = _background.pop() if _background else SuiteRun()
-    try:
-        returncode, output, seconds = suite.wait()
-        assert returncode == 0, f'timm {timm.__version__} model tests ({seconds:.0f} s):\n{output}'
-        ran = outcomes(str(suite.folder / 'report.xml'))
-    finally:
-        suite.close()
+def test_timm_model_tests_pass_for_every_project_model(tmp_path):
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'test_models.py').write_text(changed_test_file())
+    (run / 'pytest.ini').write_text('[pytest]\n')  # not the project's pytest settings
+    env = launcher_env()  # one thread: the tests' ops are small (inputs of 32 px), threads wait on each other
+    env['PYTHONPATH'] = os.path.join(REPO_ROOT, 'tests') + os.pathsep + env['PYTHONPATH']  # the plugin
+    env.pop('GITHUB_ACTIONS', None)  # there timm's file leaves its pretrained tests out
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-p', 'timm_suite_plugin',
+         '--stand-in-checkpoints', str(tmp_path / 'hub'), '--junitxml', str(tmp_path / 'report.xml'),
+         '-W', 'ignore::pytest.PytestUnknownMarkWarning', 'test_models.py'],
+        cwd=run, env=env, capture_output=True, text=True)
+    seconds = time.monotonic() - start
+    assert result.returncode == 0, f'timm {timm.__version__} model tests ({seconds:.0f} s):\n{result.stdout[-30000:]}'
+    ran = outcomes(str(tmp_path / 'report.xml'))
     assert all(outcome == 'passed' for outcome in ran.values()), {k: v for k, v in ran.items() if v != 'passed'}
     released = set(timm.list_models(pretrained=True))
     for model in project_models():
