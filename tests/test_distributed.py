@@ -37,8 +37,11 @@ def run_by_hand(args_of_rank: List[List[str]], timeout: int = 180) -> Tuple[List
                 env=dict(launcher_env(), MASTER_ADDR='127.0.0.1', MASTER_PORT=port,
                          WORLD_SIZE=str(len(args_of_rank)), RANK=str(rank), LOCAL_RANK=str(rank)))
             for rank, (args, err) in enumerate(zip(args_of_rank, errors))]
+        deadline = time.monotonic() + timeout
         try:
-            returncodes = [process.wait(timeout=timeout) for process in processes]
+            returncodes = [process.wait(timeout=max(0.0, deadline - time.monotonic())) for process in processes]
+        except subprocess.TimeoutExpired:
+            returncodes = None
         finally:
             for process in processes:
                 process.kill()
@@ -46,6 +49,9 @@ def run_by_hand(args_of_rank: List[List[str]], timeout: int = 180) -> Tuple[List
         for err in errors:
             err.seek(0)
             said.append(err.read())
+    if returncodes is None:
+        pytest.fail(f'the processes did not all finish within {timeout} s; they wrote on stderr:\n'
+                    + '\n'.join(f'[process {rank}] {text[-3000:]}' for rank, text in enumerate(said)))
     return returncodes, said
 
 
